@@ -1,0 +1,1 @@
+"""The service: config, the supervisor, the control protocol, trainerctl, the dashboard."""

@@ -1,0 +1,63 @@
+"""trainerctl: the command line of trainerd.
+
+Each command lives in its own module with `register(subparsers)`; this module only
+builds the parser and turns trainerd's errors into one line and an exit status.
+Command modules import heavy packages (torch) inside their handlers, so `--help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from trainerd.producers.errors import TrainerdError
+
+COMMAND_MODULES = (
+    "trainerd.daemon.cmd_import",
+    "trainerd.daemon.cmd_job",
+    "trainerd.daemon.cmd_watch",
+    "trainerd.daemon.cmd_vote",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole trainerctl parser; a test pins its commands and flags."""
+    parser = argparse.ArgumentParser(
+        prog="trainerctl",
+        description="Drive trainerd: import corpora, start and stop training jobs, "
+        "watch them, and classify posts with trained checkpoints.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug lines to stderr"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `trainerctl` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except TrainerdError as err:
+        print(f"trainerctl {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"trainerctl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

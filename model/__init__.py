@@ -1,0 +1,1 @@
+"""The networks, the training step, validation metrics, checkpoints and the voter."""

@@ -1,0 +1,30 @@
+"""The `data` section of a job config: frames, batches, producers and rings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DataConfig(BaseModel):
+    """How posts become batches and how batches reach the trainer."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    length: int = Field(1014, ge=8, le=65536)
+    """Frame length in characters: the title, a newline, then a window of the body."""
+    batch_size: int = Field(128, ge=1, le=65536)
+    """Posts per batch."""
+    drop_last: bool = False
+    """Drop the last short training batch instead of training on it."""
+    wire: Literal["onehot", "codes"] = "onehot"
+    """Slot format: one-hot uint8, or codes expanded to one-hot on the trainer's device."""
+    producers: int = Field(4, ge=1, le=64)
+    """Producer processes, each with its own ring."""
+    ring_slots: int = Field(4, ge=2, le=1024)
+    """Slots per ring: how many batches a producer may run ahead."""
+    shm_dir: str = "/dev/shm"
+    """Where ring segments live; must be a tmpfs."""
+    wait_timeout_s: float = Field(60.0, gt=0)
+    """Longest wait for one batch before the trainer reports its producer as stuck."""
