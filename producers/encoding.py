@@ -21,6 +21,7 @@ DEFAULT_ALPHABET = (
 )
 NORMALISATION = "NFKD, combining marks dropped"
 MAX_SYMBOLS = 255
+SURROGATES = "surrogatepass"
 
 
 @functools.cache
@@ -35,17 +36,20 @@ def _combining_table() -> np.ndarray:
 
 def normalise(text: str, *, lowercase: bool = True) -> str:
     """Folds text to the form the alphabet sees: NFKD with combining marks dropped."""
-    if lowercase:
-        text = text.lower()
     if text.isascii():
-        return text
+        return text.lower() if lowercase else text
     decomposed = unicodedata.normalize("NFKD", text)
-    points = np.frombuffer(decomposed.encode("utf-32-le"), dtype=np.uint32)
+    # Lower-case after decomposing: compatibility forms such as U+1D400 (bold A)
+    # only become a plain capital letter there.
+    if lowercase:
+        decomposed = decomposed.lower()
+    # Lone surrogates (JSON allows "\ud800") pass through and encode to code 0.
+    points = np.frombuffer(decomposed.encode("utf-32-le", SURROGATES), dtype=np.uint32)
     table = _combining_table()
     marks = table[np.minimum(points, table.size - 1)]
     if not marks.any():
         return decomposed
-    return points[~marks].tobytes().decode("utf-32-le")
+    return points[~marks].tobytes().decode("utf-32-le", SURROGATES)
 
 
 @dataclass(frozen=True)
@@ -87,14 +91,16 @@ class Alphabet:
     def encode(self, text: str) -> np.ndarray:
         """Normalises text and returns its codes as a fresh uint8 array."""
         folded = normalise(text, lowercase=self.lowercase)
-        points = np.frombuffer(folded.encode("utf-32-le"), dtype=np.uint32)
+        points = np.frombuffer(folded.encode("utf-32-le", SURROGATES), dtype=np.uint32)
         table = self._table
         return table[np.minimum(points, table.size - 1)]
 
     def decode(self, codes: np.ndarray, *, unknown: str = "\x00") -> str:
         """Maps codes back to symbols; 0 becomes `unknown` (for tests and debugging)."""
-        lookup = np.array([unknown, *self.symbols])
-        return "".join(lookup[np.asarray(codes, dtype=np.int64)])
+        # A list, not a numpy string array: numpy drops trailing NULs, so "\x00"
+        # would vanish.
+        lookup = [unknown, *self.symbols]
+        return "".join([lookup[c] for c in np.asarray(codes, dtype=np.int64).tolist()])
 
     def to_dict(self) -> dict:
         """The form stored in corpus metadata and checkpoints."""

@@ -97,7 +97,7 @@ class Sampler:
         t = np.minimum(title_len, self.length)
         width = np.clip(self.length - t - 1, 0, None)
         np.minimum(body_len, width, out=width)
-        if window is Window.TAIL:
+        if window == Window.TAIL:  # a plain "tail" string counts too
             start = body_len - width
         else:
             start = rng.integers(0, body_len - width + 1)
