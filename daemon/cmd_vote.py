@@ -348,37 +348,22 @@ def _post_reader(
     path: Path, fmt: str, fields: Any, id_field: str, need_label: bool
 ) -> Iterator[InputPost]:
     """Import's reader for `fmt`, with the label optional and the post's id kept."""
-    from trainerd.producers.importer import _Decoder, _label, _Reader
+    from trainerd.producers.importer import Decoder, PostReader
 
-    class PostReader(_Reader):
+    class IdReader(PostReader):
         def _post(self, record: dict, where: str) -> InputPost:  # type: ignore[override]
-            f = self.fields
-            wanted = [(f.title, "title"), (f.text, "text")]
-            if need_label:
-                wanted.append((f.label, "label"))
-            for key, flag in wanted:
-                if key not in record:
-                    keys = ", ".join(repr(k) for k in list(record)[:8])
-                    raise InputError(
-                        f"{where}: record has no {key!r} field (it has "
-                        f"{keys or 'none'}); name the right one with --{flag}-field"
-                    )
-            label = record.get(f.label)
-            if label in (None, "") and not need_label:
-                label = None
-            else:
-                label = _label(label, where)
+            title, text, label, where = super()._post(record, where)
             post_id = record.get(id_field)
             if isinstance(post_id, (bytes, bytearray)):
                 post_id = self.decoder.decode(bytes(post_id))
             return InputPost(
                 id=_record_number(where) if post_id is None else post_id,
-                title=self._string(record[f.title], where, "title"),
-                text=self._string(record[f.text], where, "text"),
+                title=title,
+                text=text,
                 label=label,
             )
 
-    return PostReader(path, fmt, fields, _Decoder()).posts()
+    return IdReader(path, fmt, fields, Decoder(), require_label=need_label).posts()
 
 
 def _record_number(where: str) -> int:

@@ -146,8 +146,12 @@ class Publisher:
             log.debug("metrics message dropped: %s", topic.decode())
 
     def close(self) -> None:
-        """Closes the socket (dropping unsent messages) and the context."""
-        self.socket.close(linger=0)
+        """Closes the socket and the context.
+
+        A short linger lets the last state message (finished, failed) reach viewers
+        that are connected; one that is not reading costs at most the linger.
+        """
+        self.socket.close(linger=500)
         self.context.term()
         path = Path(self.address.removeprefix("ipc://"))
         path.unlink(missing_ok=True)

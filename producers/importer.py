@@ -132,10 +132,10 @@ class Summary:
 
 
 # One post as a reader yields it: title, text, label, and where it came from.
-Post = tuple[str, str, str, str]
+Post = tuple[str, str, str | None, str]
 
 
-class _Decoder:
+class Decoder:
     """Decodes UTF-8 with replacement and counts the bytes it replaced."""
 
     def __init__(self) -> None:
@@ -200,11 +200,20 @@ def _check_source(path: Path) -> None:
         raise InputError(f"{path}: the file is empty; it holds no posts")
 
 
-class _Reader:
+class PostReader:
     """Opens one source and yields its posts, tracking bytes read for progress."""
 
-    def __init__(self, path: Path, fmt: str, fields: Fields, decoder: _Decoder):
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        fields: Fields,
+        decoder: Decoder,
+        *,
+        require_label: bool = True,
+    ):
         self.path = path
+        self.require_label = require_label
         self.fmt = fmt
         self.fields = fields
         self.decoder = decoder
@@ -320,7 +329,10 @@ class _Reader:
 
     def _post(self, record: dict, where: str) -> Post:
         f = self.fields
-        for key, flag in ((f.title, "title"), (f.text, "text"), (f.label, "label")):
+        wanted = [(f.title, "title"), (f.text, "text")]
+        if self.require_label:
+            wanted.append((f.label, "label"))
+        for key, flag in wanted:
             if key not in record:
                 keys = ", ".join(repr(k) for k in list(record)[:8])
                 raise InputError(
@@ -330,9 +342,14 @@ class _Reader:
         return (
             self._string(record[f.title], where, "title"),
             self._string(record[f.text], where, "text"),
-            _label(record[f.label], where),
+            self._label(record.get(f.label), where),
             where,
         )
+
+    def _label(self, value: Any, where: str) -> str | None:
+        if value in (None, "") and not self.require_label:
+            return None
+        return label_name(value, where)
 
     def _string(self, value: Any, where: str, what: str) -> str:
         if isinstance(value, str):
@@ -345,7 +362,8 @@ class _Reader:
         )
 
 
-def _label(value: Any, where: str) -> str:
+def label_name(value: Any, where: str) -> str:
+    """A record's label as a name: a non-empty string, or an integer as text."""
     if isinstance(value, str) and value:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -596,9 +614,9 @@ def import_corpus(
         raise InputError(f"--format must be auto or one of {', '.join(FORMATS)}")
     formats = [detect_format(p) if fmt == "auto" else fmt for p in paths]
     digests = [sha256_file(p) for p in paths]
-    decoder = _Decoder()
+    decoder = Decoder()
     readers = [
-        _Reader(p, f, fields, decoder) for p, f in zip(paths, formats, strict=True)
+        PostReader(p, f, fields, decoder) for p, f in zip(paths, formats, strict=True)
     ]
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     meta = {
@@ -639,7 +657,7 @@ def import_corpus(
     return summary
 
 
-def _tracked(reader: _Reader, bar: _Progress) -> Iterator[Post]:
+def _tracked(reader: PostReader, bar: _Progress) -> Iterator[Post]:
     label = f"importing {reader.path.name}"
     count = 0
     for count, post in enumerate(reader.posts(), 1):
