@@ -7,7 +7,9 @@ WATCHDOG while the loop is healthy).
 
 Start-up claims the runtime directory with a lock (a second daemon gets a one-line
 error naming the first), then reclaims what a killed daemon left: stale sockets and
-the ring segments of dead trainers.
+the ring segments of dead trainers. Once the control socket is up, it resumes the job
+a previous daemon left recorded: one that died, or stopped on SIGTERM while the job
+ran (systemctl restart, a reboot). A foreground daemon runs its own job only.
 """
 
 from __future__ import annotations
@@ -72,12 +74,17 @@ class Daemon:
                 context, self.runtime_dir, tcp=self.control_tcp, keys=keys
             )
             supervisor = Supervisor(
-                context, runtime_dir=self.runtime_dir, state_dir=state_dir
+                context,
+                runtime_dir=self.runtime_dir,
+                state_dir=state_dir,
+                keep_record=self.first_job is None,
             )
             self.control, self.supervisor = control, supervisor
             self._install_signals()
             if self.first_job is not None:
                 supervisor.start(**self.first_job)
+            else:
+                supervisor.resume_recorded()
             log.info(
                 "trainerd ready: pid %d, control %s, state %s",
                 os.getpid(),

@@ -7,6 +7,10 @@ producers; the supervisor follows the trainer's `state` and `status` messages on
 metrics socket, and restarts a dead trainer from its last good checkpoint, at most
 `checkpoint.max_restarts` times within `checkpoint.restart_window_min`.
 
+The accepted job is recorded in the state directory (daemon/record.py) until it ends
+for good, so that a daemon that died or was stopped by SIGTERM resumes it when it
+starts again (`resume_recorded()`).
+
 The daemon's main loop drives everything: it polls `sockets()` and `fds()`, calls
 `on_metrics()` and `on_output()` when they are readable, and `tick()` every turn.
 """
@@ -29,6 +33,7 @@ from typing import Any
 import yaml
 import zmq
 
+from trainerd.daemon import record
 from trainerd.daemon.config import JobConfig, parse_config
 from trainerd.daemon.states import JobState, can_move
 from trainerd.producers.errors import (
@@ -36,6 +41,7 @@ from trainerd.producers.errors import (
     ConfigError,
     DaemonError,
     ShmSpaceError,
+    TrainerdError,
     TrainingFailed,
 )
 
@@ -57,6 +63,9 @@ GROUP_EXIT_S = 5.0
 """How long a killed trainer's process group may take to vanish."""
 SILENCE_S = 300.0
 """A running trainer that publishes nothing for this long is taken for hung."""
+ORPHAN_WAIT_S = 15.0
+"""How long a resumed job waits for the trainer a killed daemon left behind: it
+checkpoints and exits within 10 s of losing its daemon (service.ORPHAN_GRACE_S)."""
 TRAINER_STATES = {
     "starting": JobState.STARTING,
     "training": JobState.TRAINING,
@@ -87,7 +96,12 @@ class Job:
     reason: str | None = None
     exit_code: int | None = None
     stop_requested: float | None = None
+    shutdown: bool = False
+    """The stop is the daemon's shutdown, not the user's: the job stays recorded."""
     killed: bool = False
+    orphan: int | None = None
+    """A resumed job's previous trainer, still alive; the job starts when it is gone."""
+    orphan_deadline: float = 0.0
     heard: float = 0.0
     output: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=20)
@@ -101,10 +115,17 @@ class Supervisor:
     """Starts, watches, restarts and stops the trainer of one job at a time."""
 
     def __init__(
-        self, context: zmq.Context, *, runtime_dir: Path, state_dir: Path
+        self,
+        context: zmq.Context,
+        *,
+        runtime_dir: Path,
+        state_dir: Path,
+        keep_record: bool = True,
     ) -> None:
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
+        self.keep_record = keep_record
+        """Record the job for a restarted daemon; a foreground daemon does not."""
         self.job: Job | None = None
         self.metrics = context.socket(zmq.SUB)
         self.metrics.setsockopt(zmq.LINGER, 0)
@@ -146,10 +167,19 @@ class Supervisor:
             return {"stopping": False, "job": self.snapshot()["job"]}
         if job.stop_requested is None:
             job.stop_requested = time.monotonic()
+            job.shutdown = why == "shutdown"
             self._move(job, JobState.STOPPING, f"{why} requested")
-        if now:
+        elif why == "stop":
+            # The user's stop ends the job for good, even during a shutdown.
+            job.shutdown = False
+        if job.trainer is None:
+            # A resumed job still waiting for its old trainer: nothing to stop.
+            job.orphan = None
+            job.outcome = "stopped"
+            self._move(job, JobState.IDLE, "stopped before its trainer started")
+        elif now:
             self._kill(job, f"{why} at once")
-        elif job.trainer is not None and job.trainer.poll() is None:
+        elif job.trainer.poll() is None:
             # SIGTERM to the trainer alone: it finishes its step, checkpoints and
             # stops its producers itself.
             _signal(job.trainer.pid, signal.SIGTERM)
@@ -240,7 +270,10 @@ class Supervisor:
     def tick(self) -> None:
         """Notices a trainer that exited, stalled or overran its stop."""
         job = self.job
-        if job is None or job.trainer is None or not job.state.running:
+        if job is None or not job.state.running:
+            return
+        if job.trainer is None:
+            self._await_orphan(job)
             return
         now = time.monotonic()
         code = job.trainer.poll()
@@ -265,13 +298,73 @@ class Supervisor:
         return f"{head}: {_progress(job)}"
 
     def shutdown(self, *, now: bool) -> None:
-        """Stops the job for a daemon that exits."""
+        """Stops the job for a daemon that exits; the job stays recorded."""
         self.stop(now=now, why="shutdown")
+
+    def resume_recorded(self) -> None:
+        """Starts the job a previous daemon left running again, from its last
+        checkpoint; a broken record is set aside with a warning."""
+        try:
+            found = record.read_record(self.state_dir)
+        except record.RecordError as err:
+            self._set_aside(str(err))
+            return
+        if found is None:
+            return
+        job_file = Path(found.job_file)
+        try:
+            raw = yaml.safe_load(job_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            self._set_aside(f"run {found.run}: job file {job_file} unreadable ({err})")
+            return
+        log.info(
+            "resuming: run %s from its last checkpoint (interrupted by a daemon "
+            "restart)",
+            found.run,
+        )
+        try:
+            parsed = parse_config(raw, source=str(job_file))
+        except TrainerdError as err:
+            log.error("resume failed: run %s: %s", found.run, err)
+            self._forget()
+            return
+        job = Job(
+            parsed.name,
+            parsed,
+            job_file.parent,
+            job_file,
+            found.resume,
+            started=found.accepted,
+        )
+        self.job = job
+        self._move(job, JobState.STARTING, "resumed after a daemon restart")
+        try:
+            _check_corpus(parsed.corpus)
+        except TrainerdError as err:
+            log.error("resume failed: run %s: %s", job.run, err)
+            self._fail(job, str(err))
+            return
+        if found.trainer_pid is not None and _runs(found.trainer_pid, job_file):
+            # Two trainers must never write one run directory at once.
+            job.orphan = found.trainer_pid
+            job.orphan_deadline = time.monotonic() + ORPHAN_WAIT_S
+            log.info(
+                "resume waits: the previous trainer of run %s (pid %d) is still "
+                "checkpointing",
+                job.run,
+                job.orphan,
+            )
+            return
+        self._spawn(job, _resume_policy(job))
 
     def close(self) -> None:
         """Kills what is left of the trainer and closes the metrics socket."""
         job = self.job
         if job is not None and _alive(job.trainer):
+            # The daemon is going down with its job; the next daemon resumes it.
+            if job.stop_requested is None:
+                job.stop_requested = time.monotonic()
+                job.shutdown = True
             self._kill(job, "daemon exits")
             job.trainer.wait(timeout=GROUP_EXIT_S)
             self._on_exit(job, job.trainer.returncode)
@@ -314,6 +407,7 @@ class Supervisor:
         job.killed = False
         job.trainer_state = ""
         log.info("trainer spawned: run %s, pid %d", job.run, job.trainer.pid)
+        self._record(job)
 
     def _on_message(self, topic: bytes, message: dict[str, Any]) -> None:
         job = self.job
@@ -394,6 +488,7 @@ class Supervisor:
             return
         job.restart_times.append(now)
         job.restarts += 1
+        resume = _resume_policy(job)
         log.warning(
             "trainer restarting: run %s, %s; restart %d of %d allowed in %g min",
             job.run,
@@ -402,7 +497,7 @@ class Supervisor:
             limit,
             job.config.checkpoint.restart_window_min,
         )
-        self._spawn(job, "auto")
+        self._spawn(job, resume)
 
     def _fail(self, job: Job, reason: str) -> None:
         job.outcome = "failed"
@@ -442,6 +537,73 @@ class Supervisor:
         job.state = new
         # Each transition is one plain line in the journal.
         log.info("run %s: %s -> %s (%s)", job.run, old.value, new.value, why)
+        # Finished, failed or stopped by the user, the job is over: a restarted
+        # daemon must not start it again. A shutdown's stop leaves it recorded.
+        if new in (JobState.FINISHED, JobState.FAILED) or (
+            new == JobState.IDLE and not job.shutdown
+        ):
+            self._forget()
+
+    # The job's record, for a restarted daemon.
+
+    def _record(self, job: Job) -> None:
+        if not self.keep_record:
+            return
+        entry = record.JobRecord(
+            run=job.run,
+            job_file=str(job.config_file.resolve()),
+            resume=job.resume,
+            accepted=job.started,
+            trainer_pid=job.trainer.pid if job.trainer is not None else None,
+        )
+        try:
+            record.write_record(self.state_dir, entry)
+        except OSError as err:
+            log.warning(
+                "record not written: %s (%s); a restarted daemon will not resume "
+                "run %s",
+                record.record_path(self.state_dir),
+                err.strerror,
+                job.run,
+            )
+
+    def _forget(self) -> None:
+        if not self.keep_record:
+            return
+        try:
+            record.remove_record(self.state_dir)
+        except OSError as err:
+            log.warning(
+                "record not removed: %s (%s)",
+                record.record_path(self.state_dir),
+                err.strerror,
+            )
+
+    def _set_aside(self, why: str) -> None:
+        try:
+            aside = record.set_aside(self.state_dir)
+        except OSError as err:
+            log.warning("resume skipped: %s; not set aside (%s)", why, err.strerror)
+            return
+        log.warning("resume skipped: %s; record set aside as %s", why, aside)
+
+    def _await_orphan(self, job: Job) -> None:
+        """Starts a resumed job's trainer once the previous one is gone."""
+        if job.orphan is None:
+            return
+        if _runs(job.orphan, job.config_file):
+            if time.monotonic() < job.orphan_deadline:
+                return
+            log.warning(
+                "trainer killed: run %s, previous trainer pid %d still running after "
+                "%g s",
+                job.run,
+                job.orphan,
+                ORPHAN_WAIT_S,
+            )
+            _signal_group(job.orphan, signal.SIGKILL)
+        job.orphan = None
+        self._spawn(job, _resume_policy(job))
 
     def _emit(self, job: Job, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip()
@@ -497,6 +659,34 @@ def remove_sockets(runtime_dir: Path, *, keep: tuple[str, ...] = ()) -> list[Pat
     return removed
 
 
+def _resume_policy(job: Job) -> str:
+    """What a restarted trainer resumes from.
+
+    The run's newest checkpoint once this job has written one; until then the
+    policy the job was submitted with, so that `--resume PATH` still starts from
+    PATH and `--resume none` still sets older checkpoints aside.
+    """
+    if job.resume == "auto":
+        return "auto"
+    for path in (job.run_dir / "checkpoints").glob("*.pt"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime >= job.started:
+                return "auto"
+    return job.resume
+
+
+def _runs(pid: int, job_file: Path) -> bool:
+    """Whether `pid` is a live trainer of the job whose config is `job_file`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat[stat.rindex(")") + 2] in "ZX":
+        return False
+    return b"trainer" in cmdline and str(job_file).encode() in cmdline
+
+
 def _check_corpus(path: str) -> None:
     from trainerd.producers.corpus import Corpus
 
@@ -516,7 +706,9 @@ def _write_job_file(run_dir: Path, config: JobConfig) -> Path:
             f"run directory {run_dir}: not writable ({err.strerror}); check the owner "
             "of the state directory or set TRAINERD_STATE_DIR"
         ) from err
-    return path
+    # Absolute: the job's record names it, and a restarted daemon finds the old
+    # trainer by it.
+    return path.resolve()
 
 
 def _last_batch(metrics: Path) -> dict[str, Any]:

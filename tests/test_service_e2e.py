@@ -403,9 +403,10 @@ def test_killed_daemon_leaves_nothing_and_the_next_start_reclaims(corpus, servic
     assert (home / "run" / "control.sock").exists()
     assert leftovers(home) == []
 
-    # The next daemon reclaims the stale socket and any segment left behind.
+    # The next daemon reclaims the stale socket and any segment left behind (and
+    # resumes the job: test_daemon_resume.py).
     daemon = start_daemon(service)
-    assert segments(name) == []
+    assert segments(f"{name}-{job['trainer_pid']}-") == []
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     log = (home / "daemon.log").read_text()

@@ -39,6 +39,13 @@ class StandIn(Supervisor):
 
 
 KILLED = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+CHECKPOINTED_THEN_KILLED = """
+    import os, pathlib, signal
+    checkpoints = pathlib.Path("{run_dir}") / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "last.pt").write_bytes(b"")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
 BAD_CHECKPOINT = """
     import sys
     print("trainerd trainer: error: checkpoint x.pt does not match this job")
@@ -128,8 +135,8 @@ def test_a_final_error_fails_at_once(dirs, context):
         sup.close()
 
 
-def test_a_restarted_trainer_resumes_automatically(dirs, context):
-    sup = make([KILLED, "pass"], dirs, context)
+def recording(sup: Supervisor) -> list[str]:
+    """The resume policy of each trainer the supervisor starts, in order."""
     resumes = []
     command = sup.command
 
@@ -138,11 +145,35 @@ def test_a_restarted_trainer_resumes_automatically(dirs, context):
         return command(job, resume)
 
     sup.command = record
+    return resumes
+
+
+def test_a_restarted_trainer_resumes_automatically(dirs, context):
+    run_dir = dirs / "state" / "runs" / "t"
+    sup = make(
+        [CHECKPOINTED_THEN_KILLED.format(run_dir=run_dir), "pass"], dirs, context
+    )
+    resumes = recording(sup)
     try:
         sup.start(config(dirs), resume="none")
         supervise(sup, JobState.FINISHED)
         assert resumes == ["none", "auto"]
         assert sup.job.restarts == 1
+    finally:
+        sup.close()
+
+
+def test_a_trainer_dead_before_its_first_checkpoint_keeps_the_policy(dirs, context):
+    # --resume PATH must not turn into a fresh start because no checkpoint of the
+    # run exists yet.
+    init = dirs / "init.pt"
+    init.write_bytes(b"")
+    sup = make([KILLED, "pass"], dirs, context)
+    resumes = recording(sup)
+    try:
+        sup.start(config(dirs), resume=str(init))
+        supervise(sup, JobState.FINISHED)
+        assert resumes == [str(init), str(init)]
     finally:
         sup.close()
 
