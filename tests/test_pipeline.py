@@ -483,3 +483,30 @@ def test_the_producer_process_imports_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def private_memory_kb(pid: int) -> int:
+    """Anonymous resident memory of a process: what it allocated, not mapped files."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no RssAnon for pid {pid}")
+
+
+def test_a_producers_own_memory_stays_flat_over_epochs(corpus, run_id, runtime_dir):
+    cfg = config(2)
+    plans = epoch_plans(corpus, cfg, run_id, "tv" * 8)
+    with Pipeline(corpus.path, cfg, run_id=run_id, runtime_dir=runtime_dir) as pipe:
+        batches = 0
+        for batch in pipe.stream(plans):
+            batch.release()
+            batches += 1
+            if batches == plans[0].n_batches:
+                # After one epoch every buffer a producer uses has been touched once.
+                pids = [p["pid"] for p in pipe.status()]
+                first = [private_memory_kb(pid) for pid in pids]
+        last = [private_memory_kb(pid) for pid in pids]
+    assert batches == sum(p.n_batches for p in plans)
+    for pid, before, after in zip(pids, first, last, strict=True):
+        print(f"producer {pid}: {before} kB -> {after} kB private memory")
+        assert after - before < 2048, (pid, before, after)
