@@ -3,7 +3,8 @@
 A frame of `length` codes is the whole title (cut only when the title alone is longer
 than the frame), the newline, then a window of the body, padded with zeros on the
 right. Training and validation draw the window's start uniformly; the voter takes the
-end of the body. All work is vectorised over the batch into preallocated buffers.
+end of the body. Frames are copied as slices of the corpus (a loop over the posts of
+a batch, never over characters) into caller-provided buffers.
 """
 
 from __future__ import annotations
@@ -68,12 +69,10 @@ class Sampler:
         self.batch_size = batch_size
         alphabet = corpus.alphabet
         self.newline = alphabet.code_of("\n")
-        self.sentinel = corpus.codes.size - 1  # the trailing 0 of codes.u8
-        self._positions = np.arange(length, dtype=np.int64)
-        shape = (batch_size, length)
-        self._index = np.empty(shape, dtype=np.int64)
-        self._body_index = np.empty(shape, dtype=np.int64)
-        self._mask = np.empty(shape, dtype=bool)
+        # Plain ndarray views: slicing a memmap object costs more than the copy.
+        self._codes = np.asarray(corpus.codes)
+        self._offsets = np.asarray(corpus.offsets)
+        self._title_len = np.asarray(corpus.title_len)
         self.one_hot_table = one_hot_table(alphabet)
 
     def codes_into(
@@ -88,36 +87,31 @@ class Sampler:
 
         Rows past len(post_ids) are zeroed. `rng` is required for Window.UNIFORM.
         """
-        rows = len(post_ids)
-        c = self.corpus
+        rows, length = len(post_ids), self.length
         ids = np.asarray(post_ids, dtype=np.int64)
-        base = c.offsets[ids]
-        title_len = c.title_len[ids].astype(np.int64)
-        body_len = c.offsets[ids + 1] - base - title_len
-        t = np.minimum(title_len, self.length)
-        width = np.clip(self.length - t - 1, 0, None)
+        base = self._offsets[ids]
+        title_len = self._title_len[ids].astype(np.int64)
+        body_len = self._offsets[ids + 1] - base - title_len
+        t = np.minimum(title_len, length)
+        width = np.clip(length - t - 1, 0, None)
         np.minimum(body_len, width, out=width)
         if window == Window.TAIL:  # a plain "tail" string counts too
             start = body_len - width
         else:
             start = rng.integers(0, body_len - width + 1)
+        body_start = base + title_len + start
 
-        index, body_index, mask = (
-            a[:rows] for a in (self._index, self._body_index, self._mask)
+        # Three slice copies a row: a loop over posts, never over characters.
+        codes, newline = self._codes, self.newline
+        spans = zip(
+            base.tolist(), t.tolist(), body_start.tolist(), width.tolist(), strict=True
         )
-        pos = self._positions
-        # Body characters sit at base + title_len + start + (j - t - 1) for frame column j.
-        np.add((base + title_len + start - t - 1)[:, None], pos, out=body_index)
-        index.fill(self.sentinel)
-        np.less_equal(pos, (t + width)[:, None], out=mask)
-        np.copyto(index, body_index, where=mask)
-        np.less(pos, t[:, None], out=mask)
-        np.add(base[:, None], pos, out=body_index)
-        np.copyto(index, body_index, where=mask)
-        np.take(c.codes, index, out=out[:rows], mode="clip")
-
-        cut = t < self.length  # the newline column, where the title leaves room for it
-        out[np.flatnonzero(cut), t[cut]] = self.newline
+        for row, (b, tl, bs, w) in zip(out[:rows], spans, strict=True):
+            row[:tl] = codes[b : b + tl]
+            if tl < length:
+                row[tl] = newline
+                row[tl + 1 : tl + 1 + w] = codes[bs : bs + w]
+                row[tl + 1 + w :] = 0
         out[rows:] = 0
 
     def one_hot_into(self, codes: np.ndarray, out: np.ndarray) -> None:
