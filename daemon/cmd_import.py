@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="F",
         type=float,
         default=None,
-        help="share of SOURCE drawn at random for validation, in [0, 1) (default 0.1)",
+        help="share of SOURCE drawn at random for validation, in (0, 1); the "
+        "validation split must not be empty (default 0.1)",
     )
     split.add_argument(
         "--val",
@@ -64,7 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="file of validation posts; all of SOURCE then trains",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the split's shuffle (default 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split's shuffle, a non-negative integer (default 0)",
     )
     p.add_argument(
         "--format",
@@ -76,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--columns",
         metavar="NAMES",
         default=None,
-        help="comma-separated column names of a header-less CSV, e.g. label,title,text",
+        help="comma-separated column names of a header-less CSV, e.g. "
+        "label,title,text (a first row equal to them is refused as a header)",
     )
     p.add_argument(
         "--title-field", default="title", metavar="T", help="field of the title"

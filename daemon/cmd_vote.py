@@ -1,8 +1,9 @@
 """trainerctl vote and evaluate: classify posts with trained checkpoints.
 
 `vote` reads posts (JSON lines, CSV or pickle, as import reads them; `-` for standard
-input) and writes one JSON line per post: its id (the post's `id` field, else its line
-or record number), the label, its probability and the top k labels. `evaluate` scores
+input) and writes one JSON line per post: its id (the post's `id` field, else its
+1-based record number in every format), the label, its probability and the top k
+labels. `evaluate` scores
 labelled posts, or a corpus store's split, and prints accuracy, macro-F1, a per-class
 table and the confusion matrix. Both work locally; no daemon is needed.
 """
@@ -10,10 +11,10 @@ table and the confusion matrix. Both work locally; no daemon is needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -49,12 +50,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "vote",
         help="classify posts with one or more checkpoints",
         description="Classify posts (JSON lines, CSV or pickle; '-' for stdin) and "
-        "write one JSON line per post: id, label, probability, top_k.",
+        "write one JSON line per post: id, label, probability, top_k. The id is the "
+        "post's --id-field, or else its record number counted from 1 (the first post "
+        "of a JSON lines, CSV or pickle file is 1, whatever its line).",
     )
     _common(vote, "INPUT", "posts to classify")
-    vote.add_argument("-o", "--output", default="-", help="JSON lines out (default -)")
     vote.add_argument(
-        "--top-k", type=int, default=3, metavar="K", help="labels listed per post"
+        "-o",
+        "--output",
+        default="-",
+        help="JSON lines out, not the input file (default -: stdout)",
+    )
+    vote.add_argument(
+        "--top-k",
+        type=int,
+        default=3,
+        metavar="K",
+        help="labels listed per post (default %(default)s)",
     )
     vote.set_defaults(func=vote_command)
 
@@ -97,7 +109,9 @@ def _common(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
         "--vote",
         choices=("soft", "hard"),
         default="soft",
-        help="soft: mean probability",
+        help="soft: the label of highest probability averaged over checkpoints; "
+        "hard: the label most checkpoints put first, ties to the higher mean "
+        "probability (default %(default)s)",
     )
     parser.add_argument(
         "--windows",
@@ -111,7 +125,7 @@ def _common(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
         type=int,
         default=64,
         metavar="B",
-        help="frames per forward pass",
+        help="frames per forward pass (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
@@ -136,6 +150,7 @@ def vote_command(args: argparse.Namespace) -> int:
     _check_numbers(args)
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    _check_output(args.input, args.output)
     voter = Voter.from_checkpoints(args.checkpoints, device=args.device)
     try:
         count, seconds = _vote(voter, args)
@@ -254,6 +269,21 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
 
 
+def _check_output(source: str, target: str) -> None:
+    """Refuses -o naming the input: the votes would replace the posts."""
+    if source == "-" or target == "-":
+        return
+    same = Path(source).resolve() == Path(target).resolve()
+    # samefile also sees hard links; it fails when the output does not exist yet.
+    with contextlib.suppress(OSError):
+        same = same or os.path.samefile(source, target)
+    if same:
+        raise ConfigError(
+            f"-o {target}: is the input file; the votes would replace the posts, "
+            "choose another output file"
+        )
+
+
 def _val_summary(val: Any) -> dict | None:
     """The headline of a checkpoint's stored validation record."""
     if not isinstance(val, dict):
@@ -351,25 +381,24 @@ def _post_reader(
     from trainerd.producers.importer import Decoder, PostReader
 
     class IdReader(PostReader):
+        # Posts without an id are numbered from 1 in every format, not by line:
+        # a CSV's header and a JSON file's blank lines would shift line numbers.
+        number = 0
+
         def _post(self, record: dict, where: str) -> InputPost:  # type: ignore[override]
+            self.number += 1
             title, text, label, where = super()._post(record, where)
             post_id = record.get(id_field)
             if isinstance(post_id, (bytes, bytearray)):
                 post_id = self.decoder.decode(bytes(post_id))
             return InputPost(
-                id=_record_number(where) if post_id is None else post_id,
+                id=self.number if post_id is None else post_id,
                 title=title,
                 text=text,
                 label=label,
             )
 
     return IdReader(path, fmt, fields, Decoder(), require_label=need_label).posts()
-
-
-def _record_number(where: str) -> int:
-    """The line (JSON lines, CSV) or record (pickle) number at the end of `where`."""
-    match = re.search(r"(\d+)$", where)
-    return int(match.group(1)) if match else 0
 
 
 def _chunks(posts: Iterator[InputPost]) -> Iterator[list[InputPost]]:

@@ -79,6 +79,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     not a trainerd checkpoint of this version.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path}: a directory; expected a checkpoint file, e.g. "
+            "runs/RUN/checkpoints/best.pt"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -109,15 +114,30 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def _load_failure(err: Exception) -> str:
     """One line on why torch.load refused a file (its own message spans many)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    # torch names a refused global as "Unsupported global: GLOBAL x.y" or
+    # "unsupported GLOBAL x.y whose module x is blocked", by version.
+    refused = re.search(r"unsupported\s+global:?\s+(?:GLOBAL\s+)?([\w.]+)", text, re.I)
     if refused:
         return (
             f"not a trainerd checkpoint (it holds {refused.group(1)}, which "
-            f"weights-only loading refuses)"
+            "weights-only loading refuses; nothing from it was run)"
         )
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        # The first paragraph is torch's advice to load unsafely; the reason follows.
+        reasons = [ln for ln in lines[1:] if not ln.startswith("Check the doc")]
+        reason = reasons[0] if reasons else "weights-only loading refused it"
+        return f"not a trainerd checkpoint ({_words(reason, 160)})"
     reason = lines[0] if lines else type(err).__name__
-    return f"truncated or corrupt ({type(err).__name__}: {reason[:120]})"
+    return f"truncated or corrupt ({type(err).__name__}: {_words(reason, 120)})"
+
+
+def _words(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters at a word boundary."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0]
+    return cut.rstrip(" .,;:") + " ..."
 
 
 def candidates(directory: Path) -> list[Path]:

@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 class DataConfig(BaseModel):
     """How posts become batches and how batches reach the trainer."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # strict: YAML's `true` is no count and "32" no number; ints still pass as floats.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, use_attribute_docstrings=True
+    )
 
     length: int = Field(1014, ge=8, le=65536)
     """Frame length in characters: the title, a newline, then a window of the body."""

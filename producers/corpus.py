@@ -16,6 +16,8 @@ Python object per post.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -139,11 +141,20 @@ class CorpusWriter:
     """Builds a store in a temporary directory beside `out` and renames it into place.
 
     An interrupted import leaves no half corpus: until `finish` the store lives under a
-    hidden name that `trainerctl import` removes on the next run.
+    hidden name that `trainerctl import` removes on the next run. Any OSError writing
+    it (no such parent, read-only, disk full) is a CorpusError naming `out`.
     """
 
     def __init__(self, out: str | os.PathLike, *, force: bool = False) -> None:
         self.out = Path(out)
+        self.tmp = self.out.parent / f".{self.out.name}.importing-{os.getpid()}"
+        try:
+            self._create(force)
+        except OSError as err:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise self._write_error(err) from err
+
+    def _create(self, force: bool) -> None:
         if self.out.exists() and not force:
             raise CorpusError(
                 f"{self.out} exists; pass --force to replace it, or choose another --out"
@@ -154,9 +165,11 @@ class CorpusWriter:
                 f"{self.out} exists and is not a corpus store; refusing to replace "
                 "it even with --force, choose another --out"
             )
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        parent = self.out.parent
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(parent))
+        parent.mkdir(parents=True, exist_ok=True)
         self.force = force
-        self.tmp = self.out.parent / f".{self.out.name}.importing-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
         self._codes = open(self.tmp / ARRAYS["codes"][0], "wb")  # noqa: SIM115
@@ -166,10 +179,21 @@ class CorpusWriter:
         self._labels = typed_array("i")
         self.n_outside = 0
 
+    def _write_error(self, err: OSError) -> CorpusError:
+        reason = err.strerror or str(err)
+        if err.filename is not None and Path(err.filename) != self.out:
+            reason = f"{reason}: {err.filename}"
+        return CorpusError(
+            f"{self.out}: cannot write the corpus store there ({reason})"
+        )
+
     def add(self, title: np.ndarray, body: np.ndarray, label: int) -> int:
         """Appends one encoded post and returns its id."""
-        self._codes.write(title.tobytes())
-        self._codes.write(body.tobytes())
+        try:
+            self._codes.write(title.tobytes())
+            self._codes.write(body.tobytes())
+        except OSError as err:
+            raise self._write_error(err) from err
         self.n_outside += int(
             np.count_nonzero(title == 0) + np.count_nonzero(body == 0)
         )
@@ -209,6 +233,14 @@ class CorpusWriter:
         meta: dict[str, Any],
     ) -> Path:
         """Writes arrays and meta, syncs them and renames the store into place."""
+        try:
+            return self._finish(train_ids, val_ids, meta)
+        except OSError as err:
+            raise self._write_error(err) from err
+
+    def _finish(
+        self, train_ids: np.ndarray, val_ids: np.ndarray, meta: dict[str, Any]
+    ) -> Path:
         self._codes.write(b"\x00")  # the padding sentinel the sampler gathers from
         self._codes.flush()
         os.fsync(self._codes.fileno())
@@ -254,8 +286,11 @@ class CorpusWriter:
 
     def abort(self) -> None:
         """Removes the temporary store; the previous one, if any, is untouched."""
-        if not self._codes.closed:
-            self._codes.close()
+        codes = getattr(self, "_codes", None)
+        if codes is not None and not codes.closed:
+            # A full disk fails the final flush; the file is removed anyway.
+            with contextlib.suppress(OSError):
+                codes.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -200,6 +200,15 @@ def _check_source(path: Path) -> None:
         raise InputError(f"{path}: the file is empty; it holds no posts")
 
 
+def _refuse_header(row: list[str], columns: tuple[str, ...], where: str) -> None:
+    """Refuses a first row that repeats --columns: it is a header, not a post."""
+    if [c.strip().lower() for c in row] == [c.lower() for c in columns]:
+        raise InputError(
+            f"{where}: the first row looks like a header ({','.join(columns)}); "
+            "drop --columns to read the header"
+        )
+
+
 class PostReader:
     """Opens one source and yields its posts, tracking bytes read for progress."""
 
@@ -278,15 +287,19 @@ class PostReader:
                         f"{self.path}: the file holds no header and no rows"
                     )
                 columns = tuple(c.strip() for c in header)
+            first = True
             for row in reader:
                 if not row:
                     continue
                 where = f"{self.path}:{reader.line_num}"
+                if first and self.fields.columns is not None:
+                    _refuse_header(row, columns, where)
+                first = False
                 if len(row) != len(columns):
                     raise InputError(
                         f"{where}: ragged CSV row: {len(row)} fields, the "
                         f"{'header' if self.fields.columns is None else '--columns'}"
-                        f" names {len(columns)} ({','.join(columns)})"
+                        f" names {len(columns)} ({_excerpt(','.join(columns))})"
                     )
                 yield self._post(dict(zip(columns, row, strict=True)), where)
         except csv.Error as err:
@@ -306,7 +319,7 @@ class PostReader:
                 f"{self.path}: expected a list of posts (dicts or (title, text, label) "
                 f"tuples), got {type(data).__name__}"
             )
-        for number, item in enumerate(data):
+        for number, item in enumerate(data, 1):  # records count from 1, as lines do
             where = f"{self.path}: record {number}"
             if isinstance(item, (list, tuple)):
                 if len(item) != 3:
@@ -334,7 +347,7 @@ class PostReader:
             wanted.append((f.label, "label"))
         for key, flag in wanted:
             if key not in record:
-                keys = ", ".join(repr(k) for k in list(record)[:8])
+                keys = _excerpt(", ".join(repr(k) for k in list(record)[:8]), 120)
                 raise InputError(
                     f"{where}: record has no {key!r} field (it has {keys or 'none'}); "
                     f"name the right one with --{flag}-field"
@@ -372,6 +385,18 @@ def label_name(value: Any, where: str) -> str:
         f"{where}: the label must be a non-empty string or an integer, got "
         f"{type(value).__name__} {_short(value)}"
     )
+
+
+def _excerpt(text: str, limit: int = 60) -> str:
+    """`text` as is when short and printable, else an escaped, shortened excerpt.
+
+    A binary file read as CSV yields "columns" of control bytes and replacement
+    characters; echoing them raw would garble the terminal.
+    """
+    if len(text) <= limit and text.isprintable() and "\ufffd" not in text:
+        return text
+    shown = ascii(text[:limit])
+    return shown + "..." if len(text) > limit else shown
 
 
 def _short(value: Any) -> str:
@@ -455,8 +480,7 @@ def build_corpus(
     """
     started = time.monotonic()
     alphabet = alphabet or Alphabet()
-    if val is None and not 0.0 <= val_fraction < 1.0:
-        raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    _check_split_options(val is None, val_fraction, seed)
     _remove_stale_imports(Path(out))
     writer = CorpusWriter(out, force=force)
     try:
@@ -464,6 +488,11 @@ def build_corpus(
         n_train = _add_posts(writer, alphabet, train, labels, grow=True)
         if val is not None:
             _add_posts(writer, alphabet, val, labels, grow=False)
+        if writer.n_chars == 0:
+            raise InputError(
+                "no characters in any post: every title and text is empty, so "
+                "there is nothing to learn from"
+            )
         train_ids, val_ids = _split(writer.n_posts, n_train, val, val_fraction, seed)
         names = sorted(labels, key=_sort_key)
         order = np.empty(len(names), dtype=np.int64)
@@ -472,7 +501,9 @@ def build_corpus(
         label_ids = writer.label_ids()
         train_counts = np.bincount(label_ids[train_ids], minlength=len(names))
         val_counts = np.bincount(label_ids[val_ids], minlength=len(names))
-        _check_classes(names, train_counts, val_counts)
+        _check_classes(
+            names, train_counts, val_counts, None if val is not None else val_fraction
+        )
         summary = Summary(
             out=Path(out),
             sources=[],
@@ -503,25 +534,76 @@ def build_corpus(
     return summary
 
 
+def _check_split_options(by_fraction: bool, val_fraction: float, seed: int) -> None:
+    """Refuses a seed numpy cannot take and a split that leaves validation empty."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
+    if not by_fraction:
+        return
+    if not 0.0 <= val_fraction < 1.0:  # NaN fails here too
+        raise InputError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        raise InputError(
+            "--val-fraction 0 leaves the validation split empty, and training "
+            "validates every epoch; pass a fraction such as 0.1, or --val FILE"
+        )
+
+
 def _remove_stale_imports(out: Path) -> None:
-    """Removes half-written stores of earlier imports to `out` whose process is gone."""
+    """Removes half-written stores of earlier imports to `out` whose process is gone.
+
+    A killed import (SIGKILL, power loss) cannot clean up after itself; its hidden
+    directory is named after its pid, so the next import to the same --out removes
+    it once that pid is dead, a zombie, or reused by a process started after it.
+    """
     if not out.parent.is_dir():
         return
     for tmp in out.parent.glob(f".{out.name}.importing-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            written = tmp.stat().st_mtime
+        except OSError:
+            continue
+        if not _alive(int(pid), since=written):
             log.info("import cleanup: removing %s, left by process %s", tmp, pid)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, *, since: float) -> bool:
+    """True when `pid` runs and may be the process that wrote at time `since`."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    started = _process_start(pid)
+    if started is None:
+        return True  # no /proc to ask: assume the owner is still at work
+    state, start_time = started
+    # A zombie has exited; a process started after the directory's last write
+    # got a reused pid and is not its owner.
+    return state not in ("Z", "X") and start_time <= since + 1.0
+
+
+def _process_start(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time in epoch seconds) from /proc, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses; fields after it
+    # start at the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return fields[0], boot + int(fields[19]) / ticks
 
 
 def _add_posts(
@@ -559,11 +641,32 @@ def _split(
         return np.arange(n_train), np.arange(n_train, n_posts)
     order = np.random.default_rng(seed).permutation(n_posts)
     n_val = round(n_posts * val_fraction)
+    if n_val == 0:
+        raise InputError(
+            f"--val-fraction {val_fraction} of {n_posts:,} posts leaves the validation "
+            "split empty; raise it, or pass --val FILE"
+        )
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _check_classes(names: list[str], train: np.ndarray, val: np.ndarray) -> None:
+def _check_classes(
+    names: list[str],
+    train: np.ndarray,
+    val: np.ndarray,
+    val_fraction: float | None,
+) -> None:
+    """Refuses a training split with fewer than two classes or missing a class.
+
+    `val_fraction` is None when validation came from its own file; otherwise the
+    fraction is the likely culprit and the message says so.
+    """
     present = [n for n, c in zip(names, train, strict=True) if c > 0]
+    if len(present) < 2 and val_fraction is not None and len(names) >= 2:
+        raise InputError(
+            f"--val-fraction {val_fraction} leaves {int(train.sum()):,} training "
+            f"post(s) of {len(present)} class(es) ({', '.join(present) or 'none'}); "
+            "a classifier needs at least two, lower --val-fraction"
+        )
     if len(present) < 2:
         raise InputError(
             f"training holds {len(present)} class(es) ({', '.join(present) or 'none'}); "

@@ -7,6 +7,7 @@ one-line message: no traceback ever reaches a user.
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import json
 import os
@@ -22,7 +23,7 @@ import pytest
 
 from trainerd.producers.corpus import Corpus
 from trainerd.producers.encoding import Alphabet
-from trainerd.producers.errors import InputError
+from trainerd.producers.errors import CorpusError, InputError
 from trainerd.producers.importer import (
     Fields,
     import_corpus,
@@ -259,6 +260,42 @@ def case_bad_val_fraction(d: Path) -> list:
     return ["p.jsonl", "--val-fraction", "1.5"]
 
 
+def case_negative_seed(d: Path) -> list:
+    write_jsonl(d / "p.jsonl", RECORDS)
+    return ["p.jsonl", "--seed", "-1"]
+
+
+def case_val_fraction_zero(d: Path) -> list:
+    write_jsonl(d / "p.jsonl", RECORDS)
+    return ["p.jsonl", "--val-fraction", "0"]
+
+
+def case_val_fraction_too_small(d: Path) -> list:
+    write_jsonl(d / "p.jsonl", RECORDS)
+    return ["p.jsonl", "--val-fraction", "0.001"]
+
+
+def case_val_fraction_leaves_one_class(d: Path) -> list:
+    write_jsonl(d / "p.jsonl", RECORDS)
+    return ["p.jsonl", "--val-fraction", "0.99"]
+
+
+def case_header_with_columns(d: Path) -> list:
+    rows = [[r["label"], r["title"], r["text"]] for r in RECORDS]
+    write_csv(d / "p.csv", rows, header=["Label", "Title", "Text"])
+    return ["p.csv", "--columns", "label,title,text"]
+
+
+def case_all_posts_empty(d: Path) -> list:
+    write_jsonl(d / "p.jsonl", [{**r, "title": "", "text": ""} for r in RECORDS])
+    return ["p.jsonl"]
+
+
+def case_binary_csv(d: Path) -> list:
+    (d / "p.csv").write_bytes(b"\x7fELF\x02\x01\xff\x00,\x00\x1b[2J\n\x03\x00>\n")
+    return ["p.csv"]
+
+
 def case_label_a_float(d: Path) -> list:
     write_jsonl(d / "p.jsonl", [*RECORDS[:3], {"title": "", "text": "", "label": 1.5}])
     return ["p.jsonl"]
@@ -284,7 +321,39 @@ BAD_INPUTS = {
     "unknown format": (case_unknown_format, "cannot tell the format"),
     "broken gzip": (case_broken_gzip, "p.jsonl.gz: cannot read it"),
     "not a pickle": (case_not_a_pickle, "p.pkl: not a readable pickle"),
-    "bad val fraction": (case_bad_val_fraction, "--val-fraction must be in [0, 1)"),
+    "bad val fraction": (case_bad_val_fraction, "--val-fraction must be in (0, 1)"),
+    "negative seed": (
+        case_negative_seed,
+        "error: --seed must be a non-negative integer, got -1\n",
+    ),
+    "val fraction 0": (
+        case_val_fraction_zero,
+        "error: --val-fraction 0 leaves the validation split empty, and training "
+        "validates every epoch; pass a fraction such as 0.1, or --val FILE\n",
+    ),
+    "val fraction rounds to no posts": (
+        case_val_fraction_too_small,
+        "error: --val-fraction 0.001 of 60 posts leaves the validation split "
+        "empty; raise it, or pass --val FILE\n",
+    ),
+    "val fraction leaves one class": (
+        case_val_fraction_leaves_one_class,
+        "error: --val-fraction 0.99 leaves 1 training post(s) of 1 class(es)",
+    ),
+    "header with --columns": (
+        case_header_with_columns,
+        "error: p.csv:1: the first row looks like a header (label,title,text); "
+        "drop --columns to read the header\n",
+    ),
+    "all posts empty": (
+        case_all_posts_empty,
+        "error: no characters in any post: every title and text is empty",
+    ),
+    "binary csv": (
+        case_binary_csv,
+        "error: p.csv:2: ragged CSV row: 1 fields, the header names 2 "
+        "('\\x7fELF\\x02\\x01\\ufffd\\x00,\\x00\\x1b[2J')\n",
+    ),
     "float label": (case_label_a_float, "label must be a non-empty string or an int"),
 }
 
@@ -299,6 +368,7 @@ def test_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("trainerctl import: error: ")
     assert message in result.stderr
+    assert result.stderr[:-1].isprintable(), result.stderr
     # Nothing half-written is left beside the output.
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
@@ -485,3 +555,97 @@ def test_keep_case_flag_extends_the_default_alphabet(tmp_path: Path) -> None:
     alphabet = Corpus.open(tmp_path / "c").alphabet
     assert (alphabet.size, alphabet.lowercase) == (95, False)
     assert alphabet.encode("Aa").tolist() == [70, 1]
+
+
+def test_val_fraction_leaving_one_class_points_at_the_fraction(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    with pytest.raises(InputError) as caught:
+        import_corpus(source, tmp_path / "c", val_fraction=0.99)
+    assert str(caught.value).endswith(
+        "a classifier needs at least two, lower --val-fraction"
+    )
+
+
+def test_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    result = trainerctl("import", "p.jsonl", "--out", "/proc/td-nowhere", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        "trainerctl import: error: /proc/td-nowhere: cannot write the corpus store "
+        "there ("
+    )
+    assert result.stderr.count("\n") == 1, result.stderr
+
+    with pytest.raises(CorpusError) as caught:
+        import_corpus(tmp_path / "p.jsonl", tmp_path / "p.jsonl" / "c")
+    assert str(caught.value) == (
+        f"{tmp_path}/p.jsonl/c: cannot write the corpus store there "
+        f"(not a directory: {tmp_path}/p.jsonl)"
+    )
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(CorpusError) as caught:
+        import_corpus(source, tmp_path / "c")
+    assert str(caught.value) == (
+        f"{tmp_path}/c: cannot write the corpus store there (No space left on device)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
+KILLED_IMPORT = """
+import os, signal, sys
+from trainerd.producers.corpus import CorpusWriter
+CorpusWriter(sys.argv[1])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_leftovers_of_a_killed_import_are_removed(tmp_path: Path, reaped: bool) -> None:
+    child = subprocess.Popen([sys.executable, "-c", KILLED_IMPORT, str(tmp_path / "c")])
+    leftover = tmp_path / f".c.importing-{child.pid}"
+    deadline = time.monotonic() + 30
+    # Until the parent waits, the killed child stays a zombie holding its pid.
+    while not _is_zombie(child.pid):
+        assert time.monotonic() < deadline, "the import was not killed"
+        time.sleep(0.01)
+    assert leftover.is_dir()
+    if reaped:
+        assert child.wait(timeout=30) == -9
+    try:
+        import_corpus(write_jsonl(tmp_path / "p.jsonl", RECORDS), tmp_path / "c")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "p.jsonl"]
+    finally:
+        child.wait(timeout=30)
+
+
+def _is_zombie(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def test_a_reused_pid_does_not_keep_leftovers() -> None:
+    from trainerd.producers.importer import _alive
+
+    assert _alive(os.getpid(), since=time.time())
+    # A directory last written before this process started is not its own.
+    assert not _alive(os.getpid(), since=time.time() - 10 * 365 * 86400)
+
+
+def test_pickle_records_count_from_one(tmp_path: Path) -> None:
+    source = tmp_path / "p.pkl"
+    source.write_bytes(pickle.dumps([RECORDS[0], "not a post"]))
+    with pytest.raises(InputError) as caught:
+        import_corpus(source, tmp_path / "c")
+    assert str(caught.value) == (
+        f"{source}: record 2: expected a dict or a (title, text, label) tuple, got str"
+    )

@@ -273,7 +273,7 @@ def test_vote_writes_json_lines_with_ids(
     assert trainerctl([*argv, str(posts_file), "-o", str(out), "--top-k", "2"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
 
-    assert [r["id"] for r in records] == list(range(1, 31))  # line numbers
+    assert [r["id"] for r in records] == list(range(1, 31))  # record numbers
     voter = Voter.from_checkpoints(checkpoints[:2], device="cpu")
     expected = voter.predict(demo_records(30, seed=7), top_k=2)
     for record, pred in zip(records, expected, strict=True):
@@ -337,6 +337,14 @@ def bad_files(
     torch.save(torch.nn.Linear(2, 2), files["module"])
     files["pickle"] = root / "pickle.pt"
     files["pickle"].write_bytes(pickle.dumps({"format": "trainerd-checkpoint"}))
+
+    class Hostile:
+        def __reduce__(self) -> tuple:
+            return (os.system, ("touch pwned",))
+
+    files["hostile"] = root / "hostile.pt"
+    torch.save({"format": "trainerd-checkpoint", "x": Hostile()}, files["hostile"])
+    files["directory"] = root
     return files
 
 
@@ -353,6 +361,18 @@ def bad_files(
         ("random", None, "truncated or corrupt"),
         ("module", None, "not a trainerd checkpoint (it holds torch.nn"),
         ("pickle", None, "truncated or corrupt"),
+        (
+            "hostile",
+            None,
+            "hostile.pt: not a trainerd checkpoint (it holds posix.system, which "
+            "weights-only loading refuses; nothing from it was run)\n",
+        ),
+        (
+            "directory",
+            None,
+            ": a directory; expected a checkpoint file, e.g. "
+            "runs/RUN/checkpoints/best.pt\n",
+        ),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(
@@ -486,3 +506,46 @@ def test_options_out_of_range_are_one_line_errors(
         assert trainerctl(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_vote_refuses_to_overwrite_its_input(
+    tmp_path: Path, checkpoints: list[Path], posts_file: Path, capsys
+) -> None:
+    posts = tmp_path / "posts.jsonl"
+    posts.write_bytes(posts_file.read_bytes())
+    os.link(posts, tmp_path / "alias.jsonl")
+    for output in (posts, tmp_path / "." / "posts.jsonl", tmp_path / "alias.jsonl"):
+        argv = ["vote", "-m", str(checkpoints[0]), str(posts), "-o", str(output)]
+        assert trainerctl(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"trainerctl vote: error: -o {output}: is the input file; the votes "
+            "would replace the posts, choose another output file\n"
+        )
+    assert posts.read_bytes() == posts_file.read_bytes()
+
+
+def test_ids_are_record_numbers_in_every_format(
+    tmp_path: Path, checkpoints: list[Path], capsys
+) -> None:
+    records = [{"title": f"t{i}", "text": f"post {i}"} for i in range(3)]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n" + "\n\n".join(json.dumps(r) for r in records) + "\n")
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("title,text\n" + "".join(f"t{i},post {i}\n" for i in range(3)))
+    pkl = tmp_path / "p.pkl"
+    pkl.write_bytes(pickle.dumps(records))
+    for source in (jsonl, csv_path, pkl):
+        assert trainerctl(["vote", "-m", str(checkpoints[0]), str(source)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [json.loads(line)["id"] for line in lines] == [1, 2, 3], source
+
+
+def test_vote_help_documents_choices_and_defaults() -> None:
+    result = run_cli("vote", "--help")
+    text = " ".join(result.stdout.decode().split())
+    assert "soft: the label of highest probability averaged over checkpoints" in text
+    assert "hard: the label most checkpoints put first" in text
+    assert "frames per forward pass (default 64)" in text
+    assert "labels listed per post (default 3)" in text
+    assert "record number counted from 1" in text
