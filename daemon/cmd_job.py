@@ -261,10 +261,14 @@ def _outcome(job: dict[str, Any]) -> str:
 def _progress(job: dict[str, Any], *, percent: bool = False) -> str:
     epoch, epochs = job.get("epoch"), job.get("epochs")
     if epoch is None:
-        return "starting"
+        return "starting" if job.get("running", True) else "-"
     step, n_batches = job.get("step", 0), job.get("n_batches") or 0
+    if not n_batches:
+        # The epoch's length is known once the trainer has planned it; a trainer
+        # that failed before that reports only the cursor it would resume at.
+        return f"epoch {epoch}/{epochs or '-'}, step -"
     text = f"epoch {epoch}/{epochs}, step {step}/{n_batches}"
-    if not percent or not epochs or not n_batches:
+    if not percent or not epochs:
         return text
     done = job.get("global_step", 0) / (epochs * n_batches)
     return (
@@ -294,14 +298,14 @@ def _checkpoint(job: dict[str, Any]) -> str:
 
 
 def _producers(producers: list[dict[str, Any]]) -> str:
+    """`#0 running, #1 running (restarts 0)`; the restarts per producer when any."""
     if not producers:
         return "none"
-    parts = [
-        f"{p.get('id')} {p.get('state')}"
-        + (f" ({p['restarts']} restarts)" if p.get("restarts") else "")
-        for p in producers
-    ]
-    return ", ".join(parts)
+    states = ", ".join(f"#{p.get('id')} {p.get('state')}" for p in producers)
+    restarted = [p for p in producers if p.get("restarts")]
+    total = sum(int(p["restarts"]) for p in restarted)
+    each = ", ".join(f"#{p.get('id')} {p['restarts']}" for p in restarted)
+    return f"{states} (restarts {total}{': ' + each if each else ''})"
 
 
 def _duration(seconds: float) -> str:

@@ -14,6 +14,11 @@ times a second (at the terminal's current size, so a resize is picked up at the 
 redraw); q or Ctrl-C detaches and leaves the job running. Elsewhere (`--plain`, or
 stdout not a terminal) it prints one status line per interval and stops when the job
 ends. `--run ID` shows a run's history from its files, and follows it if it is live.
+
+When no live message comes, the daemon says whether a job is running. If none is
+(the job ended, the daemon is idle or not running at all), the view says so and shows
+no rates or ETAs from the files; the plain view prints one last line and exits. It
+keeps following only while the daemon has a job under way (one starting, say).
 """
 
 from __future__ import annotations
@@ -48,7 +53,10 @@ DAEMON_TIMEOUT_S = 1.0
 METRICS_SOCKET = "metrics.sock"
 # Silent this long (the trainer sends a status every second): ask whether it ended.
 QUIET_CHECK_S = 3.0
-ENDED = ("finished", "failed", "stopped")
+# --plain: the first line waits this long at most for a live message or the daemon's
+# word, so it does not show the files' figures as the job's.
+SETTLE_S = QUIET_CHECK_S + DAEMON_TIMEOUT_S + 0.5
+NO_TRAINER = "no trainer running"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -175,9 +183,22 @@ class Watcher:
         # connect() to an ipc path that is not there yet is fine: ZeroMQ keeps
         # retrying, which also follows a restarted trainer.
         self.sub.connect(f"ipc://{self.runtime_dir / METRICS_SOCKET}")
-        first = self.wanted or self._daemon_run() or self._newest_run()
+        job, _ = self._daemon_status()
+        first = self.wanted or (job or {}).get("run") or self._newest_run()
         if first is not None:
             self._load(first)
+        else:
+            self.st.watch_started_at = time.time()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to follow: no run at all, and the daemon has no job."""
+        return self.st.run is None and self.st.state == "idle"
+
+    def settled(self) -> bool:
+        """A live message, or the daemon's word, has said how the job stands."""
+        st = self.st
+        return st.live or st.state is not None or st.daemon_down is not None
 
     # -- runs and files ----------------------------------------------------------------
 
@@ -203,7 +224,7 @@ class Watcher:
             return None
         return max(runs, key=lambda p: p.stat().st_mtime).parent.name
 
-    def _load(self, run_id: str) -> None:
+    def _load(self, run_id: str, *, resumed_at: int | None = None) -> None:
         """Starts over from the run's files; live messages continue after them."""
         st = self._new_state()
         st.run = run_id
@@ -213,6 +234,7 @@ class Watcher:
             read_records(folder / "metrics.jsonl", max_bytes=HISTORY_BYTES),
             read_records(folder / "validation.jsonl", max_bytes=VALIDATION_BYTES),
             config=read_config(folder),
+            resumed_at=resumed_at,
         )
         st.last_checkpoint = st.last_checkpoint or _newest_checkpoint(folder)
         # The files lag the socket by up to a flush: drop live batches they hold.
@@ -262,6 +284,8 @@ class Watcher:
                 self._take(frames[0].decode(errors="replace"), message)
 
     def _take(self, topic: str, message: dict[str, Any]) -> None:
+        from trainerd.daemon.dashboard import RESUMED, is_batch
+
         run = message.get("run")
         if self.wanted is not None and run != self.wanted:
             return
@@ -269,17 +293,46 @@ class Watcher:
         if run is not None and (run != self.st.run or not self.st.live):
             self._load(run)
             self.st.live = True
-        if topic == "batch" and self._floor is not None:
-            step = message.get("step")
-            if isinstance(step, int) and step <= self._floor:
+        resumed = self._resumed_at(topic, message)
+        if resumed is not None and run is not None:
+            # The trainer went back to a checkpoint: the steps it replays replace
+            # the ones shown, as they do in the files.
+            self._load(run, resumed_at=resumed)
+            self.st.live = True
+        if message.get("event") == RESUMED:
+            return
+        if topic == "batch":
+            if not is_batch(message):
                 return
-            self._floor = None
+            if self._floor is not None:
+                if message["step"] <= self._floor:
+                    return
+                self._floor = None
         self.st.apply(topic, message, now=time.time())
+
+    def _resumed_at(self, topic: str, message: dict[str, Any]) -> int | None:
+        """The step the trainer resumed at, when this message shows it went back."""
+        from trainerd.daemon.dashboard import RESUMED
+
+        if message.get("event") == RESUMED:
+            step = message.get("step")
+            return step if isinstance(step, int) else None
+        shown = self.st.global_step
+        # Until a live batch passes the files' last step, older steps are expected.
+        if self._floor is not None or shown is None:
+            return None
+        if topic == "batch" and isinstance(message.get("step"), int):
+            step = message["step"]
+            return step - 1 if step <= shown else None
+        if topic == "status" and isinstance(message.get("global_step"), int):
+            step = message["global_step"]
+            return step if step < shown else None
+        return None
 
     # -- slow figures --------------------------------------------------------------------
 
     def _refresh(self, now: float) -> None:
-        from trainerd.daemon.dashboard import disk_free_bytes
+        from trainerd.daemon.dashboard import ENDED, disk_free_bytes
 
         st = self.st
         if now >= self._next_disk:
@@ -288,8 +341,9 @@ class Watcher:
         if self.gpu is not None and now >= self._next_gpu:
             self._next_gpu = now + GPU_EVERY_S
             st.gpus = self.gpu.read()
-        heard = st.last_message_at or st.watch_started_at or now
-        if st.state in ENDED or now - heard < QUIET_CHECK_S:
+        quiet = st.quiet_s(now)
+        quiet = 0.0 if quiet is None else quiet
+        if st.state in ENDED or quiet < QUIET_CHECK_S:
             return
         # Silent: the final state message may have been lost with the trainer's
         # socket, so the files and the daemon say whether the job ended.
@@ -299,24 +353,49 @@ class Watcher:
             st.state = "stopped"  # the trainer said it was stopping, then went quiet
         elif now >= self._next_daemon:
             self._next_daemon = now + DAEMON_EVERY_S
-            self._ask_daemon(st)
+            self._ask_daemon(st, quiet_s=quiet)
 
-    def _ask_daemon(self, st: Any) -> None:
-        job = self._daemon_job()
-        if (
-            job
-            and job.get("run") == st.run
-            and job.get("state")
-            in (
-                "finished",
-                "failed",
-                "idle",
-            )
-        ):
-            st.state = "stopped" if job["state"] == "idle" else job["state"]
-            st.reason = job.get("reason")
+    def _ask_daemon(self, st: Any, *, quiet_s: float) -> None:
+        """Takes the daemon's word on a silent run: running, ended or nobody there."""
+        from trainerd.daemon.dashboard import ENDED
 
-    def _daemon_job(self) -> dict[str, Any] | None:
+        job, down = self._daemon_status()
+        st.daemon_down = down
+        if down is not None:
+            # A trainer outlives its daemon only for a moment: once it too is
+            # quiet for a while, nothing runs the job.
+            if st.run is not None and (
+                not st.live or quiet_s >= self.thresholds.quiet_s
+            ):
+                st.state, st.reason = "stopped", down
+            return
+        if job is None or not job.get("running"):
+            if job is not None and job.get("run") == st.run:
+                ended = job.get("state")
+                if ended == "idle":
+                    ended = job.get("outcome") or "stopped"
+                st.state = ended if ended in ENDED else "stopped"
+                st.reason = job.get("reason") or (
+                    NO_TRAINER if st.state == "stopped" else None
+                )
+            elif st.run is not None:
+                st.state, st.reason = "stopped", NO_TRAINER
+            else:
+                st.state = "idle"
+            return
+        # The daemon has a job under way: following it is worth the wait.
+        if job.get("run") == st.run:
+            if not st.live:
+                st.state = job.get("state")
+        elif self.wanted is None:
+            self._load(job["run"])
+            self.st.state = job.get("state")
+        else:
+            st.state = "stopped"
+            st.reason = f"{NO_TRAINER}; trainerd runs {job.get('run')}"
+
+    def _daemon_status(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The daemon's job (None without one), or why the daemon cannot be asked."""
         from trainerd.daemon import control
         from trainerd.producers.errors import TrainerdError
 
@@ -327,13 +406,9 @@ class Watcher:
             )
         except TrainerdError as err:
             log.debug("daemon status unavailable: %s", err)
-            return None
+            return None, str(err)
         job = result.get("job")
-        return job if isinstance(job, dict) else None
-
-    def _daemon_run(self) -> str | None:
-        job = self._daemon_job()
-        return job.get("run") if job else None
+        return (job if isinstance(job, dict) else None), None
 
     def close(self) -> None:
         """Closes the socket, the context and NVML."""
@@ -397,7 +472,7 @@ def _newest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _run_plain(watcher: Watcher, interval_s: float) -> int:
-    from trainerd.daemon.dashboard import history_lines, status_line
+    from trainerd.daemon.dashboard import ENDED, history_lines, status_line
 
     if watcher.wanted is not None and not _goes_live(watcher):
         # A run that is not live: its history is all there is to show.
@@ -405,12 +480,23 @@ def _run_plain(watcher: Watcher, interval_s: float) -> int:
             print(line, flush=True)
         return 0
     next_line = time.time()
+    settle_by = next_line + SETTLE_S
     while True:
         now = time.time()
-        watcher.pump(max(next_line - now, 0.0))
+        due = next_line
+        if not watcher.settled() and now < settle_by:
+            # Hold the first line until the job's state is known, polling so that
+            # the daemon is asked as soon as the quiet time is up.
+            due = max(next_line, min(now + REDRAW_S, settle_by))
+        watcher.pump(max(due - now, 0.0))
         st, now = watcher.st, time.time()
-        ended = st.state in ENDED
-        if now >= next_line or ended:
+        if st.run is None and st.daemon_down:
+            from trainerd.producers.errors import DaemonError
+
+            raise DaemonError(f"no run to watch; {st.daemon_down}")
+        ended = st.state in ENDED or watcher.idle
+        ready = watcher.settled() or now >= settle_by
+        if ready and (now >= next_line or ended):
             print(status_line(st, now=now, thresholds=watcher.thresholds), flush=True)
             next_line = max(next_line + interval_s, now)
         if ended:
@@ -438,7 +524,7 @@ def _run_screen(watcher: Watcher, interval_s: float) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from trainerd.daemon.dashboard import render_dashboard
+    from trainerd.daemon.dashboard import ENDED, render_dashboard
 
     console = Console()
     # The loop redraws (auto_refresh off): one thread owns the state and the screen.

@@ -44,6 +44,9 @@ GPU_PANEL_MIN_WIDTH = 110
 GPU_ROWS_IN_JOB = 2
 PRODUCERS_WIDTH = 34
 BEST_LOWER = ("loss",)
+ENDED = ("finished", "failed", "stopped")
+RESUMED = "resumed"
+"""The `event` of the marker metrics.jsonl gets when a trainer resumes at its `step`."""
 
 
 @dataclass
@@ -186,6 +189,8 @@ class DashboardState:
     """When the viewer attached: the quiet time before any message counts from it."""
     disk_free: int | None = None
     state_dir: str | None = None
+    daemon_down: str | None = None
+    """Why trainerd could not be asked about the job, when it could not."""
     gpus: list[GpuReading] = field(default_factory=list)
     # (time, global step) of recent batches: the measured step rate behind the ETA.
     _rate: deque[tuple[float, int]] = field(
@@ -203,8 +208,13 @@ class DashboardState:
         validations: Iterable[dict[str, Any]],
         *,
         config: dict[str, Any] | None = None,
+        resumed_at: int | None = None,
     ) -> None:
-        """Replays a run's files: metrics.jsonl, validation.jsonl and config.yaml."""
+        """Replays a run's files: metrics.jsonl, validation.jsonl and config.yaml.
+
+        `resumed_at`: the trainer has since resumed at this step, so rows after it
+        are about to be replayed and are left out.
+        """
         if config:
             self.config_name = self.config_name or config.get("name")
             checkpoint = config.get("checkpoint") or {}
@@ -212,7 +222,7 @@ class DashboardState:
             train = config.get("train") or {}
             self.epochs = self.epochs or train.get("epochs")
             self.device = self.device or train.get("device")
-        for record in batches:
+        for record in latest_batches(batches, resumed_at=resumed_at):
             self.add_batch(record)
         for record in validations:
             self.add_validation(record)
@@ -348,8 +358,26 @@ class DashboardState:
         later = max(self.epochs - self.epoch, 0) * self.n_batches
         return left_epoch / rate, (left_epoch + later) / rate
 
+    def position(self) -> str:
+        """`epoch 23/25, step 512/800`: where the run is (or stopped)."""
+        return (
+            f"epoch {epoch_shown(self.epoch)}/{self.epochs or '-'}, "
+            f"step {'-' if self.done is None else self.done}/{self.n_batches or '-'}"
+        )
+
+    def quiet_s(self, now: float) -> float | None:
+        """Seconds since the last live message (or since attaching, before any)."""
+        heard = self.last_message_at or self.watch_started_at
+        return None if heard is None else now - heard
+
+    def current(self, *, now: float, thresholds: Thresholds) -> bool:
+        """The trainer is heard from now: its rates and ETAs mean something."""
+        quiet = self.quiet_s(now)
+        silent = quiet is not None and quiet >= thresholds.quiet_s
+        return self.live and self.state not in ENDED and not silent
+
     def notice(self, *, now: float, thresholds: Thresholds) -> str | None:
-        """The one line that says the view is not live: finished, failed or silent."""
+        """The one line that says the view is not live: ended, idle or silent."""
         run = self.run or "?"
         if self.state == "finished":
             return f"job finished: run {run}"
@@ -358,16 +386,22 @@ class DashboardState:
                 f": {self.reason}" if self.reason else ""
             )
         if self.state == "stopped":
-            return f"job stopped: run {run}"
-        heard = self.last_message_at or self.watch_started_at
-        quiet = None if heard is None else now - heard
-        silent = quiet is not None and quiet >= thresholds.quiet_s
-        if silent:
-            where = "" if self.live or self.run is None else f"; run {run} from files"
+            why = f"; {self.reason}" if self.reason else ""
+            return f"job stopped: run {run} at {self.position()}{why}"
+        if self.run is None:
+            if self.daemon_down:
+                return f"no run yet; {self.daemon_down}"
+            if self.state == "idle":
+                return (
+                    "no job running and no run yet; start one with "
+                    "'trainerctl start -c CONFIG'"
+                )
+            return "waiting for a job: no run yet"
+        quiet = self.quiet_s(now)
+        if quiet is not None and quiet >= thresholds.quiet_s:
+            where = "" if self.live else f"; run {run} from files"
             return f"no messages for {quiet:.0f} s: trainer not running?{where}"
         if not self.live:
-            if self.run is None:
-                return "waiting for a job: no run yet"
             return f"run {run} from files; waiting for live messages"
         return None
 
@@ -389,8 +423,15 @@ class DashboardState:
             found.append(f"no step for {idle:.0f} s")
         share = self.wait_share()
         # The first steps wait for the producers to start; that is not a slow pipeline.
+        # A run that is not heard from has no pipeline to speak of.
         warm = (self.global_step or 0) >= WARMUP_STEPS
-        if warm and share is not None and share > thresholds.data_wait_share:
+        current = self.current(now=now, thresholds=thresholds)
+        if (
+            current
+            and warm
+            and share is not None
+            and share > thresholds.data_wait_share
+        ):
             found.append(
                 f"data wait {share:.0%} of step time "
                 f"(over {thresholds.data_wait_share:.0%}): producers too slow"
@@ -399,6 +440,49 @@ class DashboardState:
             where = f" on {self.state_dir}" if self.state_dir else ""
             found.append(f"low disk: {_bytes(self.disk_free)} free{where}")
         return found
+
+
+def latest_batches(
+    records: Iterable[dict[str, Any]], *, resumed_at: int | None = None
+) -> list[dict[str, Any]]:
+    """The per-batch records of metrics.jsonl as the run stands now: each step once.
+
+    metrics.jsonl is append-only. A trainer resumed from a checkpoint at step N writes
+    a `resumed` marker and then steps N+1, N+2... again, so those rows replace the
+    earlier ones. A step that comes again without a marker (a file written before
+    there were markers) is taken the same way. Other records, the marker among them,
+    are not batches and are left out.
+    """
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        step = record.get("step")
+        if record.get("event") == RESUMED:
+            if isinstance(step, int):
+                _drop_after(kept, step)
+            continue
+        if not is_batch(record):
+            continue
+        if kept and step <= kept[-1]["step"]:
+            _drop_after(kept, step - 1)
+        kept.append(record)
+    if resumed_at is not None:
+        _drop_after(kept, resumed_at)
+    return kept
+
+
+def is_batch(record: dict[str, Any]) -> bool:
+    """A per-batch record: it has a step, a batch index and a loss (maybe null)."""
+    return (
+        isinstance(record.get("step"), int)
+        and isinstance(record.get("batch"), int)
+        and "loss" in record
+    )
+
+
+def _drop_after(kept: list[dict[str, Any]], step: int) -> None:
+    # `kept` rises step by step, so what comes after `step` is at its end.
+    while kept and kept[-1]["step"] > step:
+        kept.pop()
 
 
 def _ema(previous: float | None, value: float) -> float:
@@ -558,9 +642,9 @@ def render_header(st: DashboardState, *, now: float) -> Text:
     return text
 
 
-def render_progress(st: DashboardState) -> Table:
-    """Epoch and step bars with samples/s and the ETAs."""
-    eta_epoch, eta_run = st.eta_s()
+def render_progress(st: DashboardState, *, current: bool = True) -> Table:
+    """Epoch and step bars with samples/s and the ETAs (only while `current`)."""
+    eta_epoch, eta_run = st.eta_s() if current else (None, None)
     grid = Table.grid(padding=(0, 1), expand=True)
     grid.add_column(no_wrap=True, min_width=14)
     grid.add_column(ratio=1)
@@ -577,7 +661,9 @@ def render_progress(st: DashboardState) -> Table:
         f"{_pct(epochs_done)} run ETA {format_duration(eta_run)}",
     )
     shown_batch = "-" if st.done is None else str(st.done)
-    sps = "-" if st.samples_per_s is None else f"{st.samples_per_s:,.0f}"
+    sps = "-"
+    if current and st.samples_per_s is not None:
+        sps = f"{st.samples_per_s:,.0f}"
     grid.add_row(
         f"step {shown_batch}/{st.n_batches or '-'}",
         _Bar(step_done),
@@ -687,10 +773,15 @@ def render_producers(st: DashboardState) -> Panel:
 
 
 def render_job(
-    st: DashboardState, *, now: float, gpus: Sequence[GpuReading] = ()
+    st: DashboardState,
+    *,
+    now: float,
+    gpus: Sequence[GpuReading] = (),
+    current: bool = True,
 ) -> Panel:
-    """Data-wait share, last checkpoint and its age, free disk (and GPUs if given)."""
-    share = st.wait_share()
+    """Data-wait share (only while `current`), last checkpoint and its age, free
+    disk (and GPUs if given)."""
+    share = st.wait_share() if current else None
     checkpoint = st.last_checkpoint or {}
     age = None
     if _finite(checkpoint.get("time")):
@@ -768,15 +859,19 @@ def render_dashboard(
     thresholds = thresholds or Thresholds()
     notice = st.notice(now=now, thresholds=thresholds)
     alerts = st.alerts(now=now, thresholds=thresholds)
+    current = st.current(now=now, thresholds=thresholds)
     gpus = list(st.gpus)
     job_rows = 4 + min(len(gpus), GPU_ROWS_IN_JOB + 1)
     bottom_rows = max(len(st.producers) + 1, len(gpus) + 1, job_rows) + 2
     layout = Layout()
     layout.split_column(
         Layout(render_header(st, now=now), size=1),
-        Layout(render_progress(st), size=2),
+        Layout(render_progress(st, current=current), size=2),
         Layout(name="middle", minimum_size=7),
-        Layout(_Fit(lambda w, h: _bottom(st, now, gpus, w)), size=bottom_rows),
+        Layout(
+            _Fit(lambda w, h: _bottom(st, now, gpus, w, current=current)),
+            size=bottom_rows,
+        ),
         Layout(
             render_alerts(notice, alerts),
             size=min(max(len(alerts) + bool(notice), 1), 4),
@@ -790,13 +885,21 @@ def render_dashboard(
 
 
 def _bottom(
-    st: DashboardState, now: float, gpus: list[GpuReading], width: int
+    st: DashboardState,
+    now: float,
+    gpus: list[GpuReading],
+    width: int,
+    *,
+    current: bool,
 ) -> Layout:
     row = Layout()
     gpu = render_gpu(gpus) if width >= GPU_PANEL_MIN_WIDTH else None
     panels = [
         Layout(render_producers(st), size=PRODUCERS_WIDTH),
-        Layout(render_job(st, now=now, gpus=() if gpu else gpus), ratio=1),
+        Layout(
+            render_job(st, now=now, gpus=() if gpu else gpus, current=current),
+            ratio=1,
+        ),
     ]
     if gpu is not None:
         panels.append(Layout(gpu, ratio=1))
@@ -812,7 +915,7 @@ def status_line(
 ) -> str:
     """One line per interval for `--plain` (logs, non-terminals)."""
     thresholds = thresholds or Thresholds()
-    _, eta_run = st.eta_s()
+    current = st.current(now=now, thresholds=thresholds)
     parts = [
         time.strftime("%H:%M:%S", time.localtime(now)),
         f"run {st.run or '-'}",
@@ -829,12 +932,14 @@ def status_line(
             f" (best {_fig(st.best_val.get(st.best_metric))}"
             f" @ {epoch_shown(st.best_val.get('epoch'))})"
         )
-    if st.samples_per_s is not None:
-        parts.append(f"{st.samples_per_s:,.0f} samples/s")
-    share = st.wait_share()
-    if share is not None:
-        parts.append(f"wait {share:.1%}")
-    parts.append(f"ETA {format_duration(eta_run)}")
+    # Rates from the files, or from a trainer gone quiet, would read as current.
+    if current:
+        if st.samples_per_s is not None:
+            parts.append(f"{st.samples_per_s:,.0f} samples/s")
+        share = st.wait_share()
+        if share is not None:
+            parts.append(f"wait {share:.1%}")
+        parts.append(f"ETA {format_duration(st.eta_s()[1])}")
     notice = st.notice(now=now, thresholds=thresholds)
     extra = ([notice] if notice else []) + st.alerts(now=now, thresholds=thresholds)
     return "  ".join(parts) + "".join(f"  [{e}]" for e in extra)

@@ -4,6 +4,10 @@ Builds the synthetic demo corpus under the state directory (once), then runs the
 of examples/demo.yaml with its producers and trainer in this terminal, printing
 progress, and ends with the validation accuracy and where the checkpoints are.
 Ctrl-C stops it cleanly with a checkpoint.
+
+The state directory is trainerd's (TRAINERD_STATE_DIR, else the XDG one), and the
+corpus path in examples/demo.yaml is replaced by the one built there. Every demo is a
+short fresh run: it replaces the previous demo's run directory, and says so.
 """
 
 from __future__ import annotations
@@ -67,10 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             data.setdefault("train", {})["epochs"] = args.epochs
         config = parse_config(data, source=args.config)
         run_dir = paths.run_dir(config.name)
-        if run_dir.exists():
-            # The demo always trains from scratch: its previous run is its own.
+        replaced = run_dir.exists()
+        if replaced:
+            # The demo always trains from scratch, so that it always runs its few
+            # epochs to the end; resuming a finished demo would train nothing.
             shutil.rmtree(run_dir)
-        print(f"demo: training run {config.name!r} in {run_dir}", flush=True)
+        print(
+            f"demo: training run {config.name!r} afresh in {run_dir}"
+            + ("; the previous demo run there was replaced" if replaced else "")
+            + " (TRAINERD_STATE_DIR puts it elsewhere)",
+            flush=True,
+        )
         stop = StopFlag()
         stop.install()
         try:

@@ -257,3 +257,60 @@ def test_foreground_with_a_missing_resume_checkpoint(env, corpus):
     )
     # Nothing was left behind.
     assert sorted(os.listdir(Path(env["_root"]) / "run")) == []
+
+
+def status_reply(**job):
+    daemon = {"uptime_s": 75, "pid": 4242, "foreground": False, "runtime_dir": "/r"}
+    base = {
+        "run": "t",
+        "state": "training",
+        "running": True,
+        "outcome": None,
+        "reason": None,
+        "epoch": 2,
+        "epochs": 8,
+        "step": 32,
+        "n_batches": 128,
+        "global_step": 160,
+        "restarts": 0,
+        "max_restarts": 3,
+        "producers": [
+            {"id": 0, "state": "running", "restarts": 0},
+            {"id": 1, "state": "running", "restarts": 0},
+        ],
+    }
+    return {"daemon": daemon, "job": {**base, **job}}
+
+
+def status_field(reply, name):
+    from trainerd.daemon.cmd_job import _render
+
+    lines = _render(reply)
+    return next(line for line in lines if line.startswith(f"{name}:")).split(":", 1)[1]
+
+
+def test_status_names_each_producer_and_counts_restarts():
+    reply = status_reply()
+    assert status_field(reply, "producers").strip() == (
+        "#0 running, #1 running (restarts 0)"
+    )
+    reply["job"]["producers"][1].update(state="restarting", restarts=2)
+    assert status_field(reply, "producers").strip() == (
+        "#0 running, #1 restarting (restarts 2: #1 2)"
+    )
+
+
+def test_status_progress_of_a_running_job():
+    assert status_field(status_reply(), "progress").strip() == (
+        "epoch 2/8, step 32/128 (25% of the epoch, 16% of the run)"
+    )
+
+
+def test_status_progress_without_the_epochs_length():
+    # A trainer that failed before planning its epoch knows no batch count.
+    reply = status_reply(
+        state="failed", running=False, epoch=8, step=128, n_batches=0, reason="x"
+    )
+    assert status_field(reply, "progress").strip() == "epoch 8/8, step -"
+    reply = status_reply(state="failed", running=False, epoch=None, reason="x")
+    assert status_field(reply, "progress").strip() == "-"

@@ -15,7 +15,7 @@ from rich.console import Console, RenderableType
 from watch_util import NOW, batch_record, status_record, val_record
 
 from trainerd.daemon import dashboard as dash
-from trainerd.daemon.cmd_watch import KeyReader, read_records
+from trainerd.daemon.cmd_watch import KeyReader, Watcher, read_records
 from trainerd.daemon.dashboard import (
     DashboardState,
     GpuProbe,
@@ -191,7 +191,7 @@ def test_data_wait_share_from_batches_without_a_status() -> None:
         record = batch_record(
             step=i + 1, batch=i, time=NOW, data_wait_ms=40, step_ms=60
         )
-        st.add_batch(record)
+        st.apply("batch", record, now=NOW)  # live: a stopped run raises no alert
 
     assert st.wait_share() == pytest.approx(0.4)
     assert any(
@@ -225,6 +225,136 @@ def test_silence_says_the_trainer_may_not_run() -> None:
     st.last_message_at = NOW - 12
 
     assert "■ no messages for 12 s: trainer not running?" in screen(st)
+
+
+def stopped_from_files() -> DashboardState:
+    """Run demo read from its files, then said by the daemon to run no trainer."""
+    st = running_state()
+    st.live = False
+    st.last_message_at = None
+    st.watch_started_at = NOW - 4
+    st.state, st.reason = "stopped", "no trainer running"
+    return st
+
+
+def test_a_stopped_run_says_where_it_stopped_without_rates() -> None:
+    text = screen(stopped_from_files())
+
+    notice = "■ job stopped: run demo at epoch 2/5, step 400/500; no trainer running"
+    assert notice in text
+    step = line_with(text, "step 400/500")
+    assert "- samples/s ETA -" in step
+    assert "812" not in text
+    assert "run ETA -" in line_with(text, "epoch 2/5")
+    assert "data wait  -" in text
+
+
+def test_a_silent_trainer_shows_no_rates() -> None:
+    st = running_state()
+    st.last_message_at = NOW - 12
+
+    assert "- samples/s ETA -" in line_with(screen(st), "step 400/500")
+    line = dash.status_line(st, now=NOW)
+    assert "samples/s" not in line
+    assert "ETA" not in line
+    assert "[no messages for 12 s: trainer not running?]" in line
+
+
+def test_status_line_of_a_stopped_run_has_no_rates() -> None:
+    line = dash.status_line(stopped_from_files(), now=NOW)
+
+    assert "run demo  stopped  epoch 2/5  step 400/500  loss 0.500" in line
+    assert "samples/s" not in line
+    assert "ETA" not in line
+    assert "wait " not in line
+    assert line.endswith(
+        "[job stopped: run demo at epoch 2/5, step 400/500; no trainer running]"
+    )
+
+
+def test_a_stopped_run_raises_no_data_wait_alert() -> None:
+    st = stopped_from_files()
+    st.data_wait_share = 0.3
+
+    assert st.alerts(now=NOW, thresholds=Thresholds()) == []
+
+
+def resumed_metrics(path) -> None:
+    """Steps 1-30, a crash, a resume at the checkpoint of step 20, steps 21-25."""
+    rows = [batch_record(step=s, batch=s - 1, loss=1.0, time=NOW) for s in range(1, 31)]
+    rows.append({"event": "resumed", "run": "demo", "step": 20, "time": NOW})
+    rows += [
+        batch_record(step=s, batch=s - 1, loss=0.25, time=NOW) for s in range(21, 26)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_history_keeps_the_replayed_steps_after_a_resume(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    resumed_metrics(path)
+    st = DashboardState()
+    st.load_history(read_records(path, max_bytes=1 << 20), [])
+
+    assert st.global_step == 25
+    assert st.done == 25
+    assert len(st.loss_curve) == 25  # 1-20 once, then the replayed 21-25
+    assert st.last_loss == 0.25
+    assert st.nonfinite_in_row == 0  # the marker is no batch without a loss
+    kept = dash.latest_batches(read_records(path, max_bytes=1 << 20))
+    assert [r["step"] for r in kept] == list(range(1, 26))
+    assert {r["loss"] for r in kept[20:]} == {0.25}
+
+
+def test_history_without_a_marker_keeps_the_latest_of_each_step() -> None:
+    rows = [batch_record(step=s, batch=s - 1, loss=1.0, time=NOW) for s in (1, 2, 3)]
+    rows += [batch_record(step=s, batch=s - 1, loss=0.5, time=NOW) for s in (2, 3, 4)]
+    rows.append({"step": 9, "note": "not a batch"})
+
+    kept = dash.latest_batches(rows)
+
+    assert [(r["step"], r["loss"]) for r in kept] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, 0.5),
+        (4, 0.5),
+    ]
+    assert [r["step"] for r in dash.latest_batches(rows, resumed_at=2)] == [1, 2]
+
+
+def test_watcher_replaces_replayed_steps_when_the_trainer_resumes(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "s"
+    run = state / "runs" / "demo"
+    run.mkdir(parents=True)
+    resumed_metrics(run / "metrics.jsonl")
+    # The daemon is not asked: no control socket under this runtime directory.
+    watcher = Watcher(
+        state_dir=state,
+        runtime_dir=tmp_path / "r",
+        run_id=None,
+        thresholds=Thresholds(),
+        gpus=False,
+    )
+    try:
+        watcher.attach()
+        assert watcher.st.run == "demo" and watcher.st.global_step == 25
+        for step in (24, 25, 26, 27):  # the files already hold 24 and 25
+            watcher._take("batch", batch_record(step=step, batch=step - 1, time=NOW))
+        assert watcher.st.global_step == 27
+        assert len(watcher.st.loss_curve) == 27
+
+        # The trainer died and came back at its checkpoint of step 25: its status
+        # says so before its first batch, and the steps after it are dropped.
+        status = status_record(step=25, global_step=25, n_batches=500)
+        watcher._take("status", status)
+        assert watcher.st.global_step == 25
+        assert len(watcher.st.loss_curve) == 25
+        watcher._take("batch", batch_record(step=26, batch=25, time=NOW))
+        assert (watcher.st.global_step, len(watcher.st.loss_curve)) == (26, 26)
+        assert watcher.st.live
+    finally:
+        watcher.close()
 
 
 def test_gpu_panel_hidden_without_a_gpu() -> None:

@@ -20,9 +20,16 @@ from typing import Any
 
 import pytest
 import yaml
-from watch_util import batch_record, status_record, val_record, write_run
+from watch_util import (
+    FakeDaemon,
+    batch_record,
+    daemon_job,
+    status_record,
+    val_record,
+    write_run,
+)
 
-from trainerd.daemon import cli
+from trainerd.daemon import cli, cmd_watch
 from trainerd.model.metrics import Publisher
 
 BIN = Path(sys.executable).parent
@@ -201,6 +208,136 @@ def test_bad_interval_is_refused(dirs, capsys) -> None:
     state, runtime = dirs
     assert cli.main(watch_args(state, runtime, "--interval", "0")) == 2
     assert "--interval: must be > 0, got 0" in capsys.readouterr().err
+
+
+# -- no live trainer: the daemon's word ------------------------------------------------
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short quiet times, so the daemon is asked within a fraction of a second."""
+    monkeypatch.setattr(cmd_watch, "QUIET_CHECK_S", 0.3)
+    monkeypatch.setattr(cmd_watch, "DAEMON_EVERY_S", 0.2)
+    monkeypatch.setattr(cmd_watch, "SETTLE_S", 2.0)
+
+
+def stopped_run(state: Path) -> None:
+    """Run nb2: 3 of 25 epochs done, 20 steps each, then nothing."""
+    validations = [val_record(e, 1.0, 0.5 + e / 100, 0.5) for e in (1, 2, 3)]
+    write_run(state, "nb2", epochs=25, validations=validations)
+
+
+def plain(state: Path, runtime: Path, capsys) -> tuple[int, list[str], str]:
+    code = cli.main(watch_args(state, runtime, "--plain", "--interval", "0.1"))
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def assert_no_rates(line: str) -> None:
+    assert "samples/s" not in line
+    assert "ETA" not in line
+    assert "wait " not in line
+
+
+def test_plain_says_the_daemon_is_down_and_exits(dirs, quick, capsys) -> None:
+    state, runtime = dirs
+    stopped_run(state)
+
+    code, lines, _ = plain(state, runtime, capsys)
+
+    assert code == 0
+    assert len(lines) == 1, lines  # not the files' figures as if live, then the end
+    assert "run nb2  stopped  epoch 3/25  step 20/20" in lines[0]
+    assert (
+        "[job stopped: run nb2 at epoch 3/25, step 20/20; trainerd is not "
+        in (lines[0])
+    )
+    assert "start it with" in lines[0]
+    assert_no_rates(lines[0])
+
+
+def test_plain_says_no_trainer_runs_when_the_daemon_is_idle(
+    dirs, quick, capsys
+) -> None:
+    state, runtime = dirs
+    stopped_run(state)
+    daemon = FakeDaemon(runtime, None)
+    try:
+        code, lines, _ = plain(state, runtime, capsys)
+    finally:
+        daemon.close()
+
+    assert code == 0
+    assert lines[-1].endswith(
+        "[job stopped: run nb2 at epoch 3/25, step 20/20; no trainer running]"
+    )
+    assert_no_rates(lines[-1])
+
+
+def test_plain_follows_a_starting_job_until_the_daemon_says_it_stopped(
+    dirs, quick, capsys
+) -> None:
+    state, runtime = dirs
+    stopped_run(state)
+    starting = daemon_job("nb2", "starting")
+    stopped = daemon_job("nb2", "idle", outcome="stopped", reason="stop requested")
+    # Asked at attach, then at each quiet check: starting twice, then stopped.
+    daemon = FakeDaemon(runtime, starting, starting, starting, stopped)
+    try:
+        code, lines, _ = plain(state, runtime, capsys)
+    finally:
+        daemon.close()
+
+    assert code == 0
+    assert daemon.asked == 4
+    assert any("run nb2  starting" in line for line in lines), lines
+    assert (
+        "[job stopped: run nb2 at epoch 3/25, step 20/20; stop requested]"
+        in (lines[-1])
+    )
+    for line in lines:
+        assert_no_rates(line)
+
+
+def test_plain_keeps_the_exit_code_of_a_failed_job(dirs, quick, capsys) -> None:
+    state, runtime = dirs
+    stopped_run(state)
+    daemon = FakeDaemon(runtime, daemon_job("nb2", "failed", reason="loss is NaN"))
+    try:
+        code, lines, err = plain(state, runtime, capsys)
+    finally:
+        daemon.close()
+
+    assert code == 7
+    assert "[job failed: run nb2: loss is NaN]" in lines[-1]
+    assert err.strip() == "trainerctl watch: error: run nb2 failed: loss is NaN"
+
+
+def test_plain_without_runs_or_daemon_is_a_one_line_error(dirs, quick, capsys) -> None:
+    state, runtime = dirs
+
+    code, lines, err = plain(state, runtime, capsys)
+
+    assert code == 4
+    assert lines == []
+    assert err.startswith(
+        "trainerctl watch: error: no run to watch; trainerd is not running"
+    )
+    assert "\n" not in err.strip()
+
+
+def test_plain_without_runs_and_an_idle_daemon_says_so(dirs, quick, capsys) -> None:
+    state, runtime = dirs
+    daemon = FakeDaemon(runtime, None)
+    try:
+        code, lines, _ = plain(state, runtime, capsys)
+    finally:
+        daemon.close()
+
+    assert code == 0
+    assert lines[-1].endswith(
+        "[no job running and no run yet; start one with 'trainerctl start -c CONFIG']"
+    )
 
 
 # -- the full-screen view in tmux ------------------------------------------------------

@@ -6,10 +6,15 @@ The records have the fields and shapes daemon/trainer_main.py publishes and writ
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
+import zmq
+
+from trainerd.daemon.control import ControlServer
 
 NOW = 1_800_000_000.0
 
@@ -159,3 +164,62 @@ def write_run(
         for record in validations:
             file.write(json.dumps({**record, "run": run}) + "\n")
     return folder
+
+
+def daemon_job(
+    run: str, state: str, *, outcome: str | None = None, reason: str | None = None
+) -> dict[str, Any]:
+    """The `job` of the daemon's status reply, with the fields watch reads."""
+    from trainerd.daemon.states import JobState
+
+    return {
+        "run": run,
+        "state": state,
+        "running": JobState(state).running,
+        "outcome": outcome,
+        "reason": reason,
+    }
+
+
+class FakeDaemon:
+    """Answers `status` on the control socket from a thread, as trainerd would.
+
+    `jobs` are the replies' jobs in turn; the last one is repeated. `asked` counts
+    the status requests.
+    """
+
+    def __init__(self, runtime: Path, *jobs: dict[str, Any] | None) -> None:
+        self.jobs = list(jobs) or [None]
+        self.asked = 0
+        self.ready = threading.Event()
+        self.done = threading.Event()
+        self.runtime = runtime
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10), "the fake daemon did not bind"
+
+    def _handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        job = self.jobs[min(self.asked, len(self.jobs) - 1)]
+        self.asked += 1
+        daemon = {"pid": os.getpid(), "uptime_s": 1.0, "runtime_dir": str(self.runtime)}
+        return {"daemon": daemon, "job": job}
+
+    def _serve(self) -> None:
+        context = zmq.Context()
+        server = ControlServer(context, self.runtime)
+        try:
+            self.ready.set()
+            poller = zmq.Poller()
+            for sock in server.sockets:
+                poller.register(sock, zmq.POLLIN)
+            while not self.done.is_set():
+                for sock, _ in poller.poll(20):
+                    server.serve(sock, self._handle)
+        finally:
+            server.close()
+            context.term()
+
+    def close(self) -> None:
+        """Stops answering and removes the socket."""
+        self.done.set()
+        self.thread.join(10)
