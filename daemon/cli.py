@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+from trainerd.daemon.output import detach_output, log_to_stderr, say
 from trainerd.producers.errors import TrainerdError
 
 COMMAND_MODULES = (
@@ -44,19 +46,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `trainerctl` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    # `start --foreground` runs the daemon here: its log must outlive a closed pipe.
+    log_to_stderr(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        # Flushed here, so that a reader that left early is noticed below rather
+        # than at interpreter exit.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # `trainerctl status | head`: the reader has what it wanted. Python's
+        # advice: send the rest of the output to /dev/null and exit quietly.
+        _quiet_stdout()
+        return 0
     except TrainerdError as err:
-        print(f"trainerctl {args.command}: error: {err}", file=sys.stderr)
+        say(f"trainerctl {args.command}: error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"trainerctl {args.command}: interrupted", file=sys.stderr)
+        say(f"trainerctl {args.command}: interrupted")
         return 130
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        detach_output()
 
 
 if __name__ == "__main__":

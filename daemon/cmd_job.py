@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         metavar="auto|PATH|none",
         help="auto: the run's newest valid checkpoint (default); PATH: that "
-        "checkpoint; none: start afresh, setting old checkpoints aside",
+        "checkpoint; none: start afresh, setting old checkpoints and metrics aside",
     )
     start.add_argument(
         "--foreground",

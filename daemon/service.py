@@ -96,12 +96,11 @@ def _keys(argv: list[str]) -> int:
 
 
 def _log_plainly(verbose: bool) -> None:
-    # Plain lines: journald (or the terminal) adds the time.
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    # Plain lines: journald (or the terminal) adds the time. A closed terminal
+    # must not end the daemon or its job.
+    from trainerd.daemon.output import log_to_stderr
+
+    log_to_stderr(logging.DEBUG if verbose else logging.INFO)
 
 
 def _watch_parent() -> None:

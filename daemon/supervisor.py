@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 import zmq
 
-from trainerd.daemon import record
+from trainerd.daemon import output, record, runlock
 from trainerd.daemon.config import JobConfig, parse_config
 from trainerd.daemon.states import JobState, can_move
 from trainerd.producers.errors import (
@@ -48,11 +48,13 @@ from trainerd.producers.errors import (
 log = logging.getLogger(__name__)
 
 # Trainer exit codes that a restart cannot cure: a bad config or corpus, no room in
-# /dev/shm, a checkpoint that does not match, training that diverged.
+# /dev/shm, another trainer holding the run, a checkpoint that does not match,
+# training that diverged.
 FINAL_EXIT_CODES = frozenset(
     {
         ConfigError.exit_code,
         ShmSpaceError.exit_code,
+        DaemonError.exit_code,
         CheckpointError.exit_code,
         TrainingFailed.exit_code,
     }
@@ -152,6 +154,9 @@ class Supervisor:
         if resume not in ("auto", "none") and not Path(resume).is_file():
             raise CheckpointError(f"--resume {resume}: no such checkpoint file")
         run_dir = self.state_dir / "runs" / parsed.name
+        # A trainer of another daemon may train this run: refuse before its job
+        # file is overwritten. The trainer takes the lock itself; this is early.
+        runlock.check_free(run_dir, parsed.name)
         config_file = _write_job_file(run_dir, parsed)
         self.job = Job(parsed.name, parsed, run_dir, config_file, resume)
         log.info(
@@ -609,7 +614,8 @@ class Supervisor:
         text = line.decode("utf-8", "replace").rstrip()
         if text:
             job.output.append(text)
-            print(text, file=sys.stderr, flush=True)
+            # A closed terminal or pipe must not end the job: trainer.log has it all.
+            output.say(text)
 
     def _drain(self, job: Job) -> None:
         """Reads the rest of the output: the trainer's last line names its error."""
@@ -715,7 +721,8 @@ def _last_batch(metrics: Path) -> dict[str, Any]:
     """Where the last trained batch left the run, from the tail of metrics.jsonl.
 
     The trainer's status comes once a second; after it exits, its last metrics
-    record is the exact position.
+    record is the exact position. A `resumed` marker (an `event` record, see
+    trainer_main) is not a batch.
     """
     try:
         with metrics.open("rb") as f:
@@ -726,6 +733,8 @@ def _last_batch(metrics: Path) -> dict[str, Any]:
     for line in reversed(tail):
         try:
             record = json.loads(line)
+            if "event" in record:
+                continue
             return {
                 "epoch": record["epoch"],
                 "step": record["batch"] + 1,

@@ -9,6 +9,12 @@ is the next batch not yet trained, (epoch, batch, validated); everything else ab
 batch (its posts, its windows, its dropout) is derived from that position, so a
 resumed run repeats an uninterrupted one exactly.
 
+The trainer holds the run directory's lock (daemon/runlock.py) for its whole life,
+so two trainers never write one run. metrics.jsonl is append-only: where training
+restarts, a `resumed` record names the step it restarts from, and later records of
+a higher step replace the earlier ones. `--resume none` moves the old run's
+checkpoints and records into checkpoints.replaced-<time>/.
+
 SIGTERM or SIGINT sets a flag: the current step finishes, a checkpoint is written,
 the producers are stopped and the process exits 0. A second signal exits at once,
 without a checkpoint.
@@ -31,6 +37,7 @@ from typing import Any
 import torch
 import yaml
 
+from trainerd.daemon import output, runlock
 from trainerd.daemon.config import JobConfig, load_config
 from trainerd.model import checkpoint as ckpt
 from trainerd.model.metrics import Confusion, JsonlWriter, Publisher
@@ -82,6 +89,8 @@ RESUMABLE_CHANGES = (
     "metrics.",
 )
 STATUS_INTERVAL_S = 1.0
+METRICS_FILE = "metrics.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 
 
 @dataclass
@@ -163,6 +172,7 @@ class TrainerRun:
         self.total_steps = self.n_train_batches * config.train.epochs
         self.cursor = Cursor()
         self.step = 0
+        self.resumed_from: Path | None = None
         self.val: dict[str, Any] | None = None
         self.best_val: dict[str, Any] | None = None
         self.kept: list[dict[str, Any]] = []
@@ -228,18 +238,45 @@ class TrainerRun:
 
     def _resume_source(self, resume: str) -> tuple[Path, dict[str, Any]] | None:
         if resume == "none":
-            if ckpt.candidates(self.ckpt_dir):
-                aside = self.run_dir / f"checkpoints.replaced-{int(time.time())}"
-                self.ckpt_dir.rename(aside)
-                log.info("checkpoints set aside: --resume none, old ones in %s", aside)
+            self._set_history_aside()
             return None
         if resume == "auto":
             return ckpt.newest_valid(self.ckpt_dir)
         path = Path(resume)
         return path, ckpt.read_checkpoint(path)
 
+    def _set_history_aside(self) -> None:
+        """Moves the old run's checkpoints, metrics and validation records into
+        checkpoints.replaced-<time>/, so that the new run's files hold it alone."""
+        old = [
+            self.run_dir / name
+            for name in (METRICS_FILE, VALIDATION_FILE)
+            if (self.run_dir / name).is_file()
+        ]
+        has_checkpoints = bool(ckpt.candidates(self.ckpt_dir))
+        if not old and not has_checkpoints:
+            return
+        stamp = int(time.time())
+        aside = self.run_dir / f"checkpoints.replaced-{stamp}"
+        n = 1
+        while aside.exists():
+            aside = self.run_dir / f"checkpoints.replaced-{stamp}.{n}"
+            n += 1
+        if has_checkpoints:
+            self.ckpt_dir.rename(aside)
+            self.ckpt_dir.mkdir()
+        else:
+            aside.mkdir()
+        for path in old:
+            path.rename(aside / path.name)
+        log.info(
+            "history set aside: --resume none, old checkpoints and records in %s",
+            aside,
+        )
+
     def _restore(self, path: Path, payload: dict[str, Any]) -> None:
         self._check_matches(path, payload)
+        self._warn_changed_epochs(payload)
         self.model.load_state_dict(payload["model_state"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.cursor = Cursor(**payload["cursor"])
@@ -247,6 +284,7 @@ class TrainerRun:
         self.val = payload.get("val")
         self.best_val = payload.get("best_val")
         self.kept = list(payload.get("kept") or [])
+        self.resumed_from = path
         log.info(
             "resumed from %s: epoch %d, next batch %d%s, step %d",
             path,
@@ -271,6 +309,30 @@ class TrainerRun:
                 f"checkpoint {path} does not match this job; differences: "
                 + "; ".join(differences)
                 + ". Change them back, or start afresh with --resume none"
+            )
+
+    def _warn_changed_epochs(self, payload: dict[str, Any]) -> None:
+        before = (payload.get("config") or {}).get("train", {}).get("epochs")
+        train = self.config.train
+        if before is None or before == train.epochs:
+            return
+        if train.schedule == "cosine":
+            # The cosine rate is a function of the planned total steps.
+            log.warning(
+                "resume: train.epochs %s -> %d; the cosine schedule is stretched "
+                "from step %d on, so this run differs from one planned with %d "
+                "epochs",
+                before,
+                train.epochs,
+                int(payload["step"]),
+                train.epochs,
+            )
+        else:
+            log.info(
+                "resume: train.epochs %s -> %d (the %s schedule does not depend on it)",
+                before,
+                train.epochs,
+                train.schedule,
             )
 
     def _init_from(self, source: str) -> None:
@@ -330,6 +392,7 @@ class TrainerRun:
         if self._done():
             log.info("run finished already: all %d epochs", self.config.train.epochs)
             return "finished"
+        self._mark_resume()
         context, stream = self.open_stream()
         with context as pipeline:
             if stream is None:
@@ -358,6 +421,28 @@ class TrainerRun:
                 self.save("last")
                 return "stopped"
         return "finished" if self._done() else "stopped"
+
+    def _mark_resume(self) -> None:
+        """Appends a `resumed` record to metrics.jsonl where training restarts.
+
+        The file is append-only, so steps replayed after a crash appear twice; the
+        marker tells readers that later records with a step above its `step`
+        replace the earlier ones. A fresh start on an empty file needs none.
+        """
+        if self.resumed_from is None and not _has_records(self.metrics.path):
+            return
+        marker = {
+            "event": "resumed",
+            "run": self.config.name,
+            "step": self.step,
+            "epoch": self.cursor.epoch,
+            "cursor": self.cursor.to_dict(),
+            "checkpoint": None if self.resumed_from is None else str(self.resumed_from),
+            "time": time.time(),
+        }
+        self.metrics.write(marker)
+        # Live viewers drop the steps they showed beyond it, as file readers do.
+        self.pub.send(b"batch", marker)
 
     def _done(self) -> bool:
         c = self.cursor
@@ -629,6 +714,13 @@ class TrainerRun:
         }
 
 
+def _has_records(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _rank(entry: dict[str, Any]) -> tuple[float, int]:
     # Higher score first; among equals the earlier epoch stays.
     return (-entry["score"], entry["epoch"])
@@ -723,14 +815,36 @@ def run_job(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Before any checkpoint is read or record written: two trainers of one run
+    # would interleave its metrics and overwrite each other's checkpoints.
+    lock = runlock.acquire(run_dir, config.name)
+    try:
+        return _run_locked(
+            config,
+            run_dir=run_dir,
+            runtime_dir=runtime_dir,
+            resume=resume,
+            in_process=in_process,
+            stop=stop or StopFlag(),
+        )
+    finally:
+        runlock.release(lock)
+
+
+def _run_locked(
+    config: JobConfig,
+    *,
+    run_dir: Path,
+    runtime_dir: Path,
+    resume: str,
+    in_process: bool,
+    stop: StopFlag,
+) -> int:
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     handler = _attach_log(run_dir)
-    stop = stop or StopFlag()
     pub = Publisher(Path(runtime_dir))
-    metrics = JsonlWriter(run_dir / "metrics.jsonl", flush_s=config.metrics.flush_s)
-    validation = JsonlWriter(
-        run_dir / "validation.jsonl", flush_s=config.metrics.flush_s
-    )
+    metrics: JsonlWriter | None = None
+    validation: JsonlWriter | None = None
     run: TrainerRun | None = None
     try:
         pub.send(b"state", {"run": config.name, "state": "starting"})
@@ -743,7 +857,11 @@ def run_job(
         )
         run.pub = pub
         write_resolved_config(config, run_dir)
+        # Set up first: --resume none moves the old records aside.
         run.set_up(resume)
+        flush_s = config.metrics.flush_s
+        metrics = JsonlWriter(run_dir / METRICS_FILE, flush_s=flush_s)
+        validation = JsonlWriter(run_dir / VALIDATION_FILE, flush_s=flush_s)
         end = run.loop(metrics, validation, pub)
         final = "finished" if end == "finished" else "stopping"
         run._set_state(final)
@@ -778,8 +896,9 @@ def run_job(
         pub.send(b"state", {"run": config.name, "state": "failed", "reason": str(err)})
         raise
     finally:
-        metrics.close()
-        validation.close()
+        for writer in (metrics, validation):
+            if writer is not None:
+                writer.close()
         pub.close()
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -808,7 +927,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the trainer role; a TrainerdError becomes one line and its code."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        # The output is a pipe to the daemon: losing it must not stop training.
+        output.log_to_stderr(logging.INFO)
     stop = StopFlag()
     stop.install()
     try:
@@ -822,7 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop=stop,
         )
     except TrainerdError as err:
-        print(f"trainerd trainer: error: {err}", file=sys.stderr)
+        output.say(f"trainerd trainer: error: {err}")
         return err.exit_code
 
 

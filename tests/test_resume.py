@@ -60,9 +60,12 @@ def _records(path: Path) -> list[dict]:
 
 
 def _trained(run: Path) -> list[tuple]:
-    """(step, epoch, batch, ids) per step; a replayed step keeps its latest record."""
+    """(step, epoch, batch, ids) per step; a replayed step keeps its latest record.
+    `resumed` markers are not steps."""
     by_step = {}
     for r in _records(run / "metrics.jsonl"):
+        if "event" in r:
+            continue
         by_step[r["step"]] = (r["step"], r["epoch"], r["batch"], r["ids"])
     return [by_step[s] for s in sorted(by_step)]
 
@@ -153,8 +156,14 @@ def test_resume_from_a_path_and_none(corpus: Path, short_dir: Path):
     assert [r["epoch"] for r in _records(other / "validation.jsonl")] == [2]
     _assert_same_weights(_weights(other), _weights(run))
     run_job(job, run_dir=run, runtime_dir=short_dir, in_process=True, resume="none")
-    assert len(_records(run / "validation.jsonl")) == 4  # appended, never truncated
-    assert list(run.glob("checkpoints.replaced-*"))
+    # The new run's records alone; the old run's are kept beside its checkpoints.
+    assert [r["epoch"] for r in _records(run / "validation.jsonl")] == [1, 2]
+    steps = [r["step"] for r in _records(run / "metrics.jsonl")]
+    assert steps == list(range(1, 21))  # 2 epochs of 10 batches
+    (aside,) = run.glob("checkpoints.replaced-*")
+    assert [r["epoch"] for r in _records(aside / "validation.jsonl")] == [1, 2]
+    assert [r["step"] for r in _records(aside / "metrics.jsonl")] == steps
+    assert (aside / "last.pt").is_file()
 
 
 def _start_trainer(config: Path, run: Path, runtime: Path) -> subprocess.Popen:

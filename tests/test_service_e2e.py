@@ -202,10 +202,13 @@ def segments(name: str) -> list[str]:
 
 def effective_batches(metrics: Path) -> list[dict[str, Any]]:
     """The batches behind the final weights: a restart resumes at its checkpoint's
-    step, so records logged after that step by the dead trainer are dropped."""
+    step, so records logged after that step by the dead trainer are dropped. The
+    trainer's `resumed` markers say where; the batch records alone suffice here."""
     kept: list[dict[str, Any]] = []
     for line in metrics.read_text().splitlines():
         record = json.loads(line)
+        if "event" in record:
+            continue
         while kept and kept[-1]["step"] >= record["step"]:
             kept.pop()
         kept.append(record)
