@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainerd.producers.corpus import Corpus
+from trainerd.producers.corpus import Corpus, CorpusWriter
 from trainerd.producers.encoding import Alphabet
-from trainerd.producers.importer import build_corpus
 from trainerd.producers.sampling import Sampler, Window, frame_codes, one_hot_table
 
 NL = 69  # the newline's code in the default alphabet
@@ -23,8 +22,14 @@ def enc(text: str) -> np.ndarray:
 
 def make_corpus(path: Path, posts: list[tuple[str, str]]) -> Corpus:
     """A store of the given (title, body) posts, all in training, two labels."""
-    records = [(t, b, f"c{i % 2}", f"post {i}") for i, (t, b) in enumerate(posts)]
-    build_corpus(records, path, val_fraction=0.0)
+    writer = CorpusWriter(path)
+    for i, (title, body) in enumerate(posts):
+        writer.add(enc(title), enc(body), i % 2)
+    writer.finish(
+        train_ids=np.arange(len(posts)),
+        val_ids=np.arange(0),
+        meta={"alphabet": ALPHABET.to_dict(), "label_names": ["c0", "c1"]},
+    )
     return Corpus.open(path)
 
 
