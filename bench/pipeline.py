@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import gzip
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -171,6 +173,51 @@ def encoder_batches(
             yield rows
 
 
+def _encode_while_wanted(
+    corpus_path: str, cfg: DataConfig, wanted_until: Any, rows_done: Any
+) -> None:
+    """A worker of parallel_encoder_batches: encodes while the bench pulls batches."""
+    corpus = Corpus.open(corpus_path)
+    batches = encoder_batches(corpus, cfg, True)
+    while True:
+        if time.monotonic() > wanted_until.value:
+            time.sleep(0.002)  # paused while other methods have their round
+            continue
+        rows = next(batches)
+        with rows_done.get_lock():
+            rows_done.value += rows
+
+
+def parallel_encoder_batches(
+    stack: contextlib.ExitStack, corpus_path: Path, cfg: DataConfig, processes: int
+) -> Iterator[int]:
+    """The encoder alone in `processes` processes at once, each into its own buffer:
+    what the cores deliver together when nothing but encoding runs."""
+    ctx = mp.get_context("fork")
+    wanted_until, rows_done = ctx.Value("d", 0.0), ctx.Value("q", 0)
+    workers = [
+        ctx.Process(
+            target=_encode_while_wanted,
+            args=(str(corpus_path), cfg, wanted_until, rows_done),
+            daemon=True,
+        )
+        for _ in range(processes)
+    ]
+    for w in workers:
+        w.start()
+        stack.callback(w.kill)
+    seen = 0
+    while True:
+        wanted_until.value = time.monotonic() + 0.05
+        time.sleep(0.001)
+        done = rows_done.value
+        if done > seen:
+            # One yield per BATCH rows keeps the CPU-per-batch figure comparable.
+            for _ in range((done - seen) // BATCH):
+                yield BATCH
+            seen += (done - seen) // BATCH * BATCH
+
+
 def copy_batches(nbytes: int) -> Iterator[int]:
     """Memory bandwidth for the same bytes: a numpy copy of one batch's size."""
     src = np.ones(nbytes, np.uint8)
@@ -261,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for key, m in methods.items():
                     # One process settles fast; several need longer to average out.
-                    in_process = not key.startswith(("rings", "loader"))
+                    in_process = not key.startswith(("rings", "loader", "parallel"))
                     m.round(args.seconds / 2 if in_process else args.seconds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,6 +349,7 @@ def build_methods(
     )
     p = args.producers
     slots = args.producers * args.slots
+    cores = len(os.sched_getaffinity(0))
     # The copy goes first in a round: it soaks up what the DataLoader's workers
     # still do after their turn.
     methods = [
@@ -315,6 +363,8 @@ def build_methods(
          encoder_batches(corpus, onehot, False)),
         ("single", "single process: encode + touch loop",
          encoder_batches(corpus, onehot, True)),
+        ("parallel", f"encoder alone, {cores} processes at once",
+         parallel_encoder_batches(stack, corpus_path, onehot, cores)),
         ("rings", f"trainerd rings, {p} producers, one-hot",
          ring_batches(ring, corpus, onehot)),
         ("rings_codes", f"trainerd rings, {p} producers, wire codes",
@@ -337,6 +387,9 @@ def report(m: dict[str, Method], cores: int) -> None:
           "  (target >= 8x)")  # fmt: skip
     print(f"rings / encoder ceiling, samples/s:   {rings.rate / ceiling:6.0%}"
           "   (target >= 60%)")  # fmt: skip
+    together = m["parallel"].rate
+    print(f"rings / encoder in {cores} processes:   {rings.rate / together:6.0%}"
+          "   (what the cores give together)")  # fmt: skip
     like = m["encoder_slots"].rate * cores
     print(f"rings / ceiling with as many buffers: {rings.rate / like:6.0%}"
           f"   ({like:,.0f} samples/s)")  # fmt: skip
