@@ -12,12 +12,12 @@ Standard library only.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from trainerd.producers.durable import atomic_file, fsync_path
 
 RECORD_NAME = "job.json"
 FORMAT = "trainerd-job"
@@ -50,20 +50,9 @@ def record_path(state_dir: Path) -> Path:
 
 def write_record(state_dir: Path, record: JobRecord) -> None:
     """Writes the record atomically: temporary file, fsync, rename, fsync the dir."""
-    path = record_path(state_dir)
-    tmp = path.with_name(f".{RECORD_NAME}.{os.getpid()}.tmp")
     data = json.dumps({"format": FORMAT, **asdict(record)}, indent=1) + "\n"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(record_path(state_dir), "w") as f:
+        f.write(data)
 
 
 def read_record(state_dir: Path) -> JobRecord | None:
@@ -99,7 +88,7 @@ def remove_record(state_dir: Path) -> None:
     """Removes the record; a missing one is fine."""
     path = record_path(state_dir)
     path.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def set_aside(state_dir: Path) -> Path:
@@ -108,12 +97,3 @@ def set_aside(state_dir: Path) -> Path:
     aside = path.with_name(f"{RECORD_NAME}.broken-{int(time.time())}")
     path.replace(aside)
     return aside
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename or unlink reaches the disk only with its directory.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

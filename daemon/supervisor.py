@@ -36,6 +36,7 @@ import zmq
 from trainerd.daemon import output, record, runlock
 from trainerd.daemon.config import JobConfig, parse_config
 from trainerd.daemon.states import JobState, can_move
+from trainerd.producers.durable import atomic_file
 from trainerd.producers.errors import (
     CheckpointError,
     ConfigError,
@@ -704,9 +705,8 @@ def _write_job_file(run_dir: Path, config: JobConfig) -> Path:
     path = run_dir / "job.yaml"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        tmp.replace(path)
+        with atomic_file(path, "w") as f:
+            yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
     except OSError as err:
         raise DaemonError(
             f"run directory {run_dir}: not writable ({err.strerror}); check the owner "

@@ -57,6 +57,7 @@ from trainerd.model.train import (
     weights_finite,
 )
 from trainerd.producers.corpus import Corpus
+from trainerd.producers.durable import atomic_file
 from trainerd.producers.errors import (
     CheckpointError,
     CorpusError,
@@ -793,9 +794,8 @@ def write_resolved_config(config: JobConfig, run_dir: Path) -> Path:
     """Writes the resolved config to runs/<run-id>/config.yaml."""
     path = run_dir / "config.yaml"
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path, "w") as f:
+        f.write(text)
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from trainerd.producers.durable import atomic_file, fsync_path
 from trainerd.producers.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -49,17 +50,8 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
     return path
 
 
@@ -69,7 +61,7 @@ def link_checkpoint(source: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.link(source, tmp)
     os.replace(tmp, target)
-    fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -175,15 +167,6 @@ def newest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:
             f"start again with --resume none"
         )
     return None
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_from_checkpoint(payload: dict[str, Any]) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from trainerd.producers.durable import fsync_path
 from trainerd.producers.encoding import Alphabet
 from trainerd.producers.errors import CorpusError
 
@@ -270,7 +271,7 @@ class CorpusWriter:
         meta["fingerprint"] = digest.hexdigest()[:16]
         meta_file = self.tmp / META
         meta_file.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _fsync(meta_file)
+        fsync_path(meta_file)
         return self._swap_in()
 
     def _swap_in(self) -> Path:
@@ -279,7 +280,7 @@ class CorpusWriter:
             old = self.out.parent / f".{self.out.name}.replaced-{os.getpid()}"
             os.rename(self.out, old)
         os.rename(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_path(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out
@@ -306,15 +307,3 @@ def _write_array(path: Path, array: np.ndarray) -> None:
         f.write(array.tobytes())
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
