@@ -178,9 +178,16 @@ def _start_trainer(config: Path, run: Path, runtime: Path) -> subprocess.Popen:
         "--runtime-dir",
         str(runtime),
     ]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
+    # A file, not a pipe: nothing reads a pipe while the trainer runs, and a full
+    # one would stall it.
+    with open(runtime / "trainer.err", "ab") as log:
+        return subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+        )
+
+
+def _stderr(runtime: Path) -> str:
+    return (runtime / "trainer.err").read_text(errors="replace")
 
 
 def _wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
@@ -228,7 +235,7 @@ def test_sigkill_after_batch_k_then_resume_trains_the_same_batches(
 
     proc = _start_trainer(config, run, runtime)
     try:
-        assert proc.wait(WAIT_S) == 0, proc.stderr.read().decode()[-2000:]
+        assert proc.wait(WAIT_S) == 0, _stderr(runtime)[-2000:]
     finally:
         _finish(proc)
     assert _trained(run) == _trained(reference)
@@ -248,7 +255,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(
         _wait_for(lambda: _steps_logged(run) >= 3, proc, "batch 3")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT_S) == 0
-        stderr = proc.stderr.read().decode()
+        stderr = _stderr(short_dir)
     finally:
         _finish(proc)
     assert "stop requested: SIGTERM" in stderr
