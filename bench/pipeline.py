@@ -335,21 +335,23 @@ def build_methods(
         ring_slots=args.slots,
     )
     codes = onehot.model_copy(update={"wire": "codes"})
+    cores = len(os.sched_getaffinity(0))
+    # As many producers as cores: none waits for a core while another encodes.
+    per_core = onehot.model_copy(update={"producers": cores})
     v = corpus.alphabet.size
-    ring, ring_codes = (
+    ring, ring_codes, ring_per_core = (
         stack.enter_context(
             Pipeline(
                 str(corpus_path),
                 cfg,
-                run_id=f"{RUN}-{cfg.wire}",
-                runtime_dir=tmp / cfg.wire,
+                run_id=f"{RUN}-{cfg.wire}-{cfg.producers}",
+                runtime_dir=tmp / f"{cfg.wire}{cfg.producers}",
             )
         )
-        for cfg in (onehot, codes)
+        for cfg in (onehot, codes, per_core)
     )
     p = args.producers
     slots = args.producers * args.slots
-    cores = len(os.sched_getaffinity(0))
     # The copy goes first in a round: it soaks up what the DataLoader's workers
     # still do after their turn.
     methods = [
@@ -369,6 +371,8 @@ def build_methods(
          ring_batches(ring, corpus, onehot)),
         ("rings_codes", f"trainerd rings, {p} producers, wire codes",
          ring_batches(ring_codes, corpus, codes)),
+        ("rings_per_core", f"trainerd rings, {cores} producers, one-hot",
+         ring_batches(ring_per_core, corpus, per_core)),
         ("loader", "PyTorch DataLoader, 4 workers, persistent",
          dataloader_batches(corpus_path, onehot, 4)),
     ]  # fmt: skip
@@ -387,6 +391,8 @@ def report(m: dict[str, Method], cores: int) -> None:
           "  (target >= 8x)")  # fmt: skip
     print(f"rings / encoder ceiling, samples/s:   {rings.rate / ceiling:6.0%}"
           "   (target >= 60%)")  # fmt: skip
+    per_core = m["rings_per_core"].rate
+    print(f"  the same, {cores} producers:          {per_core / ceiling:6.0%}")
     together = m["parallel"].rate
     print(f"rings / encoder in {cores} processes:   {rings.rate / together:6.0%}"
           "   (what the cores give together)")  # fmt: skip

@@ -560,6 +560,15 @@ class Pipeline:
                 f"ring {p.k}: all {p.ring.geometry.slots} slots are held; release "
                 f"batches (Batch.release) before taking more"
             )
+        # A dead producer is restarted at once, not when its ring runs dry.
+        if p.ring.head <= n or p.proc.poll() is not None:
+            self._wait_filled(p, n, plan, b)
+        self._check(p, n, plan, b)
+        p.taken = n + 1
+        return Batch(self, p.k, n, plan, b, p.ring)
+
+    def _wait_filled(self, p: _Producer, n: int, plan: Plan, b: int) -> None:
+        """Waits until slot n is committed, restarting a dead producer on the way."""
         timeout_s = self.data.wait_timeout_s
         start, was_attached = time.monotonic(), self._attached(p)
         while True:
@@ -580,12 +589,9 @@ class Pipeline:
                 else min(deadline, time.monotonic() + 0.2),
                 alive=lambda: p.proc.poll() is None,
             ):
-                break
+                return
             if p.proc.poll() is None and time.monotonic() >= deadline:
                 raise WaitTimeout(self._stuck(p, plan, b, limit, attached))
-        self._check(p, n, plan, b)
-        p.taken = n + 1
-        return Batch(self, p.k, n, plan, b, p.ring)
 
     @staticmethod
     def _attached(p: _Producer) -> bool:
@@ -605,25 +611,23 @@ class Pipeline:
         """Fails loudly unless slot n holds exactly batch b of `plan`, untorn."""
         ring = p.ring
         s = ring.slot_of(n)
-        h = ring.headers[s].copy()
+        (seq, plan_seq, epoch, phase, batch, found_rows, checksum, data_checksum,
+         found_run, _) = ring.headers[s].item()  # fmt: skip
         rows = plan.batch_rows(b)
         expected = (n, self._run_hash, plan.seq, plan.epoch, PHASE_CODES[plan.phase], b)
-        found = tuple(
-            int(h[f])
-            for f in ("seq", "run_hash", "plan_seq", "epoch", "phase", "batch")
-        )
-        if found != expected or int(h["rows"]) != rows:
+        found = (seq, found_run, plan_seq, epoch, phase, batch)
+        if found != expected or found_rows != rows:
             raise RingError(
                 f"ring {p.k} slot {s}: expected (seq, run, plan, epoch, phase, batch) "
-                f"{expected} with {rows} rows, found {found} with {int(h['rows'])} rows"
+                f"{expected} with {rows} rows, found {found} with {found_rows} rows"
             )
-        if ring.checksum(s, rows) != int(h["checksum"]):
+        if ring.checksum(s, rows) != checksum:
             raise RingError(
                 f"ring {p.k} slot {s}: checksum mismatch in batch {b} of {plan.phase} "
                 f"epoch {plan.epoch}: the slot was read while being written"
             )
         full = self.verify == "full" and ring.onehot
-        if full and ring.data_checksum(s, rows) != int(h["data_checksum"]):
+        if full and ring.data_checksum(s, rows) != data_checksum:
             raise RingError(
                 f"ring {p.k} slot {s}: one-hot checksum mismatch in batch {b} of "
                 f"{plan.phase} epoch {plan.epoch}"

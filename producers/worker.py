@@ -28,6 +28,7 @@ from trainerd.producers.errors import TrainerdError
 from trainerd.producers.plans import Plan, make_batch
 from trainerd.producers.ring import (
     PHASE_CODES,
+    SLOT_HEADER,
     Ring,
     ring_doorbell,
     run_hash,
@@ -72,6 +73,7 @@ class Producer:
         self.req.setsockopt(zmq.LINGER, 0)
         self.req.connect(args.req)
         self.request_id = 0
+        self.pid = os.getpid()
         # Tells the trainer this producer is up; its batch deadlines start now.
         self.ring.control["producer_pid"] = os.getpid()
 
@@ -192,17 +194,20 @@ class Producer:
             labels_out=ring.labels[s],
             ids_out=ring.ids[s],
         )
-        h = ring.headers[s]
-        h["seq"] = n
-        h["plan_seq"] = plan.seq
-        h["epoch"] = plan.epoch
-        h["phase"] = PHASE_CODES[plan.phase]
-        h["batch"] = b
-        h["rows"] = rows
-        h["checksum"] = ring.checksum(s, rows)
-        h["data_checksum"] = ring.data_checksum(s, rows) if self.verify_data else 0
-        h["run_hash"] = self.run_hash
-        h["producer_pid"] = os.getpid()
+        header = {
+            "seq": n,
+            "plan_seq": plan.seq,
+            "epoch": plan.epoch,
+            "phase": PHASE_CODES[plan.phase],
+            "batch": b,
+            "rows": rows,
+            "checksum": ring.checksum(s, rows),
+            "data_checksum": ring.data_checksum(s, rows) if self.verify_data else 0,
+            "run_hash": self.run_hash,
+            "producer_pid": self.pid,
+        }
+        # The header goes in as one assignment, after the data it describes.
+        ring.headers[s][()] = tuple(header[name] for name in SLOT_HEADER.names)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -15,6 +15,7 @@ import pytest
 from trainerd.producers.errors import RingError, ShmSpaceError
 from trainerd.producers.ring import (
     CONTROL_BYTES,
+    Fingerprint,
     Geometry,
     Ring,
     check_space,
@@ -152,6 +153,54 @@ def test_wait_until_wakes_on_the_doorbell_and_honours_deadline_and_peer():
         assert not ok and time.monotonic() - t0 < 0.1
     finally:
         os.close(fd)
+
+
+def reference_fingerprint(data: bytes) -> int:
+    """The fingerprint's definition in plain Python integers."""
+    data += bytes(-len(data) % 8)
+    total = 0
+    for i in range(len(data) // 8):
+        word = int.from_bytes(data[8 * i : 8 * i + 8], "little")
+        total += word * ((2 * i + 1) * 0x9E3779B97F4A7C15 % 2**64)
+    return total % 2**64
+
+
+def test_fingerprint_is_its_definition():
+    words = np.random.default_rng(3).integers(0, 2**64, 40, dtype=np.uint64)
+    fp = Fingerprint(64)
+    assert fp.of(words) == reference_fingerprint(words.tobytes())
+    assert fp.of(words[:7]) == reference_fingerprint(words[:7].tobytes())
+
+
+def test_fingerprint_sees_every_single_changed_bit():
+    words = np.random.default_rng(4).integers(0, 2**64, 9, dtype=np.uint64)
+    fp = Fingerprint(16)
+    before = fp.of(words)
+    for bit in range(64 * words.size):
+        changed = words.copy()
+        changed[bit // 64] ^= np.uint64(1 << bit % 64)
+        assert fp.of(changed) != before, bit
+
+
+def test_checksum_covers_labels_ids_and_codes_rows_of_any_length(shm: Path, name: str):
+    geometry = Geometry(slots=2, batch_size=5, length=13, alphabet=69, wire="codes")
+    ring = Ring.create(shm / segment_name(name, os.getpid(), 0), geometry, run_id=name)
+    try:
+        rng = np.random.default_rng(5)
+        ring.labels[1][:] = rng.integers(0, 20, 5)
+        ring.ids[1][:] = rng.integers(0, 10**6, 5)
+        ring.codes[1][:] = rng.integers(0, 70, (5, 13))
+        whole = ring.labels[1].tobytes() + ring.ids[1].tobytes()
+        whole += ring.codes[1].tobytes() + bytes(8)
+        for rows in (1, 4, 5):  # 13, 52 and 65 code bytes: the last word is partial
+            end = 80 + 13 * rows
+            data = whole[: -(-end // 8) * 8]  # and read whole
+            assert ring.checksum(1, rows) == reference_fingerprint(data), rows
+            ring.codes[1][rows - 1, 0] ^= 1
+            assert ring.checksum(1, rows) != reference_fingerprint(data), rows
+            ring.codes[1][rows - 1, 0] ^= 1
+    finally:
+        ring.close()
 
 
 def test_checksums_see_a_changed_byte(shm: Path, name: str):
