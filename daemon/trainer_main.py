@@ -895,6 +895,15 @@ def _run_locked(
         log.error("run failed: %s", err)
         pub.send(b"state", {"run": config.name, "state": "failed", "reason": str(err)})
         raise
+    except (MemoryError, RuntimeError) as err:
+        if run is None or not is_out_of_memory(err):
+            raise
+        failure = TrainingFailed(out_of_memory_message(err, config, run))
+        log.error("run failed: %s", failure)
+        pub.send(
+            b"state", {"run": config.name, "state": "failed", "reason": str(failure)}
+        )
+        raise failure from err
     finally:
         for writer in (metrics, validation):
             if writer is not None:
@@ -902,6 +911,29 @@ def _run_locked(
         pub.close()
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for an allocation that failed on the device or the host."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text
+
+
+def out_of_memory_message(
+    err: BaseException, config: JobConfig, run: TrainerRun
+) -> str:
+    """One line: where memory ran out, with what frame, and what to change."""
+    where = getattr(run, "device", "the host")  # None before set_up chose it
+    at = f" at epoch {run.cursor.epoch} batch {run.cursor.batch}"
+    data = config.data
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"out of memory on {where}{at} (data.batch_size {data.batch_size}, "
+        f"data.length {data.length}): lower data.batch_size or data.length, or use "
+        f"a smaller model.preset; checkpoints already written are kept ({first})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 import zmq
 from trainer_util import tiny_corpus, tiny_job
 
@@ -300,3 +303,26 @@ def test_demo_trains_and_reports_accuracy_and_checkpoint(
     best = short_dir / "state" / "runs" / "demo" / "checkpoints" / "best.pt"
     assert f"demo: checkpoints: {best} (best)" in out
     assert ckpt.read_checkpoint(best)["cursor"]["epoch"] == 1
+
+
+def test_out_of_memory_ends_the_run_with_one_clear_line(corpus: Path, short_dir: Path):
+    # A fully connected layer of 2**40 units asks the host for about 70 TB: a real
+    # allocation failure from torch's CPU allocator, at model build.
+    job = tiny_job(corpus, model={"hidden": 2**40})
+    config = short_dir / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    run = short_dir / "run"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "trainerd.daemon.trainer_main", "--config",
+            str(config), "--run-dir", str(run), "--runtime-dir", str(short_dir),
+            "--in-process",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == TrainingFailed.exit_code, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "error:" in x]
+    assert "out of memory on cpu at epoch 1 batch 0" in line
+    assert "data.batch_size 8" in line and "lower data.batch_size" in line
+    assert not list((run / "checkpoints").glob("*.pt"))
