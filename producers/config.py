@@ -41,3 +41,8 @@ class DataConfig(BaseModel):
     """Where ring segments live; must be a tmpfs."""
     wait_timeout_s: float = Field(60.0, gt=0)
     """Longest wait for one batch before the trainer reports its producer as stuck."""
+    verify: Literal["codes", "full"] = "codes"
+    """Slot checksums: codes (labels, ids and codes, cheap) or full (also the one-hot
+    data, a pass over it on both sides: about 3 ms a 9 MB batch each)."""
+    max_producer_restarts: int = Field(5, ge=0)
+    """Restarts of one producer within 10 minutes before the run fails."""

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Batch", "Pipeline", "reclaim_stale_segments"]
 
 STOP_TIMEOUT_S = 2.0
+# Producer restarts count against data.max_producer_restarts for this long.
+RESTART_WINDOW_S = 600.0
 # A producer may take a while to start on a loaded machine (interpreter, numpy, zmq).
 STARTUP_TIMEOUT_S = 30.0
 IPC_PATH_MAX = 100
@@ -270,7 +273,8 @@ class _Producer:
     filled_fd: int
     freed_fd: int
     proc: subprocess.Popen | None = None
-    restarts: int = 0
+    restarts: int = 0  # over the pipeline's life
+    recent: deque[float] = field(default_factory=deque)  # restart times in the window
     taken: int = 0  # ring sequence number of the next slot to read
     tail: int = 0  # every slot below this is released
     released: set[int] = field(default_factory=set)
@@ -290,10 +294,9 @@ class Pipeline:
         data: the data section of the job config.
         run_id: names the rings and is checked in every slot header.
         runtime_dir: where the plan sockets live (short path: ipc names are limited).
-        verify: "codes" checksums labels, ids and codes of every batch (cheap);
-            "full" also checksums the one-hot data (an extra pass over it on both
-            sides).
-        max_restarts: restarts of one producer before the stream gives up.
+    `data.verify` chooses the slot checksums, and `data.max_producer_restarts` how
+    often one producer may be restarted within RESTART_WINDOW_S before the stream
+    gives up.
     """
 
     def __init__(
@@ -303,17 +306,13 @@ class Pipeline:
         *,
         run_id: str,
         runtime_dir: Path,
-        verify: str = "codes",
-        max_restarts: int = 5,
     ) -> None:
-        if verify not in ("codes", "full"):
-            raise ConfigError(f"verify: must be 'codes' or 'full', got {verify!r}")
         self.corpus_path = str(corpus_path)
         self.data = data
         self.run_id = run_id
         self.runtime_dir = Path(runtime_dir)
-        self.verify = verify
-        self.max_restarts = max_restarts
+        self.verify = data.verify
+        self.max_restarts = data.max_producer_restarts
         self.pub_addr = f"ipc://{self.runtime_dir}/plans.pub"
         self.req_addr = f"ipc://{self.runtime_dir}/plans.req"
         if len(self.pub_addr) > IPC_PATH_MAX:
@@ -444,11 +443,17 @@ class Pipeline:
 
     def _restart(self, p: _Producer, plan: Plan, b: int) -> None:
         how = _how_exited(p.proc.returncode)
-        if p.restarts >= self.max_restarts:
+        now = time.monotonic()
+        while p.recent and now - p.recent[0] > RESTART_WINDOW_S:
+            p.recent.popleft()
+        if len(p.recent) >= self.max_restarts:
             raise PeerDiedError(
-                f"producer {p.k} exited: {how}; restarted {p.restarts} times already, "
-                f"giving up (see the producer's log lines above)"
+                f"producer {p.k} exited: {how}; restarted {len(p.recent)} times in "
+                f"the last {RESTART_WINDOW_S / 60:g} min (data.max_producer_restarts "
+                f"is {self.max_restarts}), giving up (see the producer's log lines "
+                f"above)"
             )
+        p.recent.append(now)
         p.restarts += 1
         log.warning(
             "producer %d exited: %s, restarting at %s", p.k, how, self._owed(p, plan, b)

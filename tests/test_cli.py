@@ -199,7 +199,7 @@ def test_start_with_an_unknown_key(env, corpus):
     assert out.stderr == (
         f"trainerctl start: error: {config}: data.batchsize: unknown setting; valid "
         "here: length, batch_size, drop_last, wire, producers, ring_slots, shm_dir, "
-        "wait_timeout_s\n"
+        "wait_timeout_s, verify, max_producer_restarts\n"
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainerd.producers import pipeline as pipeline_module
 from trainerd.producers.config import DataConfig
 from trainerd.producers.corpus import Corpus, CorpusWriter
 from trainerd.producers.encoding import Alphabet
@@ -257,6 +258,37 @@ def test_a_killed_producer_is_restarted_where_it_stopped(
     assert restarts == [f"producer 2 exited: signal 9, restarting at {owed}"]
 
 
+@pytest.mark.parametrize(("window_s", "fails"), [(0.0, False), (600.0, True)])
+def test_producer_restarts_count_within_a_window(
+    corpus, corpus_path, run_id, runtime_dir, monkeypatch, window_s, fails
+):
+    # A window of 0 s forgets each restart at once; one of 600 s remembers it.
+    monkeypatch.setattr(pipeline_module, "RESTART_WINDOW_S", window_s)
+    cfg = config(2, max_producer_restarts=1)
+    plans = epoch_plans(corpus, cfg, run_id, "tt")
+    got, error = [], None
+
+    with Pipeline(corpus_path, cfg, run_id=run_id, runtime_dir=runtime_dir) as pipe:
+        try:
+            for batch in pipe.stream(plans):
+                got.append(record(batch))
+                batch.release()
+                if len(got) in (3, 9):  # producer 1 dies twice, 6 batches apart
+                    victim = pipe._producers[1].proc
+                    victim.kill()
+                    wait_for(lambda v=victim: v.poll() is not None, what="dead")
+        except PeerDiedError as err:
+            error = err
+        restarts = pipe.status()[1]["restarts"]
+
+    if fails:
+        assert "restarted 1 times in the last 10 min" in str(error)
+        assert restarts == 1
+    else:
+        assert error is None and got == reference(corpus, plans)
+        assert restarts == 2
+
+
 def test_a_producer_that_misses_the_broadcast_asks_for_the_plan(
     corpus, corpus_path, run_id, runtime_dir, caplog
 ):
@@ -307,9 +339,8 @@ def test_checksums_hold_over_thousands_of_batches_fast_and_slow(
     n_batches = sum(p.n_batches for p in plans)
     assert n_batches >= 1000
 
-    with Pipeline(
-        corpus_path, cfg, run_id=run_id, runtime_dir=runtime_dir, verify="full"
-    ) as pipe:
+    cfg = cfg.model_copy(update={"verify": "full"})
+    with Pipeline(corpus_path, cfg, run_id=run_id, runtime_dir=runtime_dir) as pipe:
         fast = [
             digest(b.data, b.labels, b.ids)
             for b in pipe.stream(plans)
@@ -360,12 +391,10 @@ def test_a_wrong_header_or_a_torn_slot_fails_loudly(
 def test_a_stuck_producer_is_a_timeout_and_a_dead_one_is_named(
     corpus, corpus_path, run_id, runtime_dir
 ):
-    cfg = config(2, wait_timeout_s=0.5)
+    cfg = config(2, wait_timeout_s=0.5, max_producer_restarts=0)
     plans = epoch_plans(corpus, cfg, run_id, "t")
 
-    with Pipeline(
-        corpus_path, cfg, run_id=run_id, runtime_dir=runtime_dir, max_restarts=0
-    ) as pipe:
+    with Pipeline(corpus_path, cfg, run_id=run_id, runtime_dir=runtime_dir) as pipe:
         pid = pipe.status()[1]["pid"]
         control = pipe._producers[1].ring.control
         wait_for(lambda: control["producer_pid"] == pid, what="producer 1 up")
@@ -388,7 +417,9 @@ def test_a_stuck_producer_is_a_timeout_and_a_dead_one_is_named(
         next(stream).release()
         os.kill(pipe.status()[1]["pid"], signal.SIGKILL)
         with pytest.raises(
-            PeerDiedError, match="producer 1 exited: signal 9; restarted 0"
+            PeerDiedError,
+            match=r"producer 1 exited: signal 9; restarted 0 times in the last 10 "
+            r"min \(data.max_producer_restarts is 0\)",
         ):
             for batch in stream:
                 batch.release()
