@@ -383,6 +383,8 @@ class TrainerRun:
             run_id=self.config.name,
             runtime_dir=self.runtime_dir,
         )
+        # Status goes on while the trainer waits for data (a producer restarting).
+        self.pipeline.on_wait = self._publish_status
         return self.pipeline, None
 
     def loop(

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +61,8 @@ __all__ = ["Batch", "Pipeline", "reclaim_stale_segments"]
 STOP_TIMEOUT_S = 2.0
 # Producer restarts count against data.max_producer_restarts for this long.
 RESTART_WINDOW_S = 600.0
+# A wait for a batch calls Pipeline.on_wait this often (status goes on meanwhile).
+WAIT_SLICE_S = 1.0
 # A producer may take a while to start on a loaded machine (interpreter, numpy, zmq).
 STARTUP_TIMEOUT_S = 30.0
 IPC_PATH_MAX = 100
@@ -329,6 +331,8 @@ class Pipeline:
         self._generation = 0
         self.geometry: Geometry | None = None
         self.one_hot_table: np.ndarray | None = None
+        # Called about every WAIT_SLICE_S while a batch is awaited.
+        self.on_wait: Callable[[], None] | None = None
 
     # Lifetime
 
@@ -576,7 +580,11 @@ class Pipeline:
         """Waits until slot n is committed, restarting a dead producer on the way."""
         timeout_s = self.data.wait_timeout_s
         start, was_attached = time.monotonic(), self._attached(p)
+        first = True
         while True:
+            if not first and self.on_wait is not None:
+                self.on_wait()
+            first = False
             if p.proc.poll() is not None:
                 self._restart(p, plan, b)
                 start, was_attached = time.monotonic(), False
@@ -586,12 +594,11 @@ class Pipeline:
                 start, was_attached = time.monotonic(), True
             limit = timeout_s if attached else max(timeout_s, STARTUP_TIMEOUT_S)
             deadline = start + limit
+            slice_s = WAIT_SLICE_S if attached else min(WAIT_SLICE_S, 0.2)
             if wait_until(
                 lambda: p.ring.head > n,
                 p.filled_fd,
-                deadline=deadline
-                if attached
-                else min(deadline, time.monotonic() + 0.2),
+                deadline=min(deadline, time.monotonic() + slice_s),
                 alive=lambda: p.proc.poll() is None,
             ):
                 return

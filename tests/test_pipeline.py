@@ -389,12 +389,15 @@ def test_a_wrong_header_or_a_torn_slot_fails_loudly(
 
 
 def test_a_stuck_producer_is_a_timeout_and_a_dead_one_is_named(
-    corpus, corpus_path, run_id, runtime_dir
+    corpus, corpus_path, run_id, runtime_dir, monkeypatch
 ):
+    monkeypatch.setattr(pipeline_module, "WAIT_SLICE_S", 0.1)
     cfg = config(2, wait_timeout_s=0.5, max_producer_restarts=0)
     plans = epoch_plans(corpus, cfg, run_id, "t")
+    waits = []
 
     with Pipeline(corpus_path, cfg, run_id=run_id, runtime_dir=runtime_dir) as pipe:
+        pipe.on_wait = lambda: waits.append(time.monotonic())
         pid = pipe.status()[1]["pid"]
         control = pipe._producers[1].ring.control
         wait_for(lambda: control["producer_pid"] == pid, what="producer 1 up")
@@ -408,6 +411,8 @@ def test_a_stuck_producer_is_a_timeout_and_a_dead_one_is_named(
             ):
                 next(stream)
             assert 0.5 <= time.monotonic() - t0 < 2
+            # The waiting consumer was called back about every 0.1 s meanwhile.
+            assert len(waits) >= 3 and waits[-1] - waits[0] >= 0.2
         finally:
             os.kill(pid, signal.SIGKILL)
             os.kill(pid, signal.SIGCONT)
