@@ -75,7 +75,7 @@ class Producer:
         self.request_id = 0
         self.pid = os.getpid()
         # Tells the trainer this producer is up; its batch deadlines start now.
-        self.ring.control["producer_pid"] = os.getpid()
+        self.ring.control["producer_pid"] = self.pid
 
     def close(self) -> None:
         self.sub.close(0)
