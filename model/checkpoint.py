@@ -78,12 +78,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
-    if not zipfile.is_zipfile(path):
-        # torch.save writes a zip archive whose directory sits at the end, so a cut
-        # file and a file of other bytes (a plain pickle, text) both fail here.
+    # torch.save writes a zip archive whose directory sits at the end and whose
+    # members carry CRC-32s: a cut file, other bytes (a plain pickle, text), a
+    # damaged directory and a flipped byte in the weights all fail here.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError):
         raise CheckpointError(
             f"checkpoint {path}: truncated or corrupt (not a complete torch zip "
             f"archive)"
+        ) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path}: corrupt ({damaged} fails its CRC-32 check)"
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -65,6 +65,30 @@ def test_truncated_file_is_a_checkpoint_error(tmp_path: Path):
         ckpt.read_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        # Inside the stored weights: the member's CRC-32 no longer matches.
+        (0.5, r"corrupt \(archive/data/\d+ fails its CRC-32 check\)"),
+        # In the zip directory at the end of the file.
+        (-60, "truncated or corrupt"),
+    ],
+)
+def test_damaged_bytes_are_a_checkpoint_error(
+    tmp_path: Path, where: float, message: str
+):
+    path = ckpt.write_checkpoint(tmp_path / "last.pt", _payload())
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * where) if where > 0 else len(data) + int(where)
+    data[at : at + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.read_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt.read_checkpoint(path)
+
+
 def test_foreign_files_are_refused(tmp_path: Path):
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
@@ -105,7 +129,9 @@ def test_broken_newest_falls_back_to_the_previous_good_one(
     good = ckpt.write_checkpoint(tmp_path / "epoch-0001.pt", _payload(step=5))
     os.utime(good, (1_000_000, 1_000_000))
     last = ckpt.write_checkpoint(tmp_path / "last.pt", _payload(step=9))
-    last.write_bytes(last.read_bytes()[:100])
+    data = bytearray(last.read_bytes())
+    data[-60:-56] = b"XXXX"  # its zip directory damaged, the length unchanged
+    last.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         path, payload = ckpt.newest_valid(tmp_path)
     assert path == good and payload["step"] == 5
