@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import logging
 import math
+import re
 import signal
 import sys
 import time
@@ -929,12 +930,20 @@ def out_of_memory_message(
     """One line: where memory ran out, with what frame, and what to change."""
     where = getattr(run, "device", "the host")  # None before set_up chose it
     at = f" at epoch {run.cursor.epoch} batch {run.cursor.batch}"
-    data = config.data
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    data, model = config.data, config.model
+    size = f"model.preset {model.preset}"
+    for name in ("features", "hidden"):
+        if getattr(model, name) is not None:
+            size += f", model.{name} {getattr(model, name)}"
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    # torch's CPU allocator prefixes "[enforce fail at alloc_cpu.cpp:127] err == 0. "
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", first)
     return (
         f"out of memory on {where}{at} (data.batch_size {data.batch_size}, "
-        f"data.length {data.length}): lower data.batch_size or data.length, or use "
-        f"a smaller model.preset; checkpoints already written are kept ({first})"
+        f"data.length {data.length}, {size}): lower the batch size, the frame "
+        f"length or the model's size; checkpoints already written are kept "
+        f"({first})"
     )
 
 

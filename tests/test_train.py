@@ -324,5 +324,8 @@ def test_out_of_memory_ends_the_run_with_one_clear_line(corpus: Path, short_dir:
     assert "Traceback" not in done.stderr
     (line,) = [x for x in done.stderr.splitlines() if "error:" in x]
     assert "out of memory on cpu at epoch 1 batch 0" in line
-    assert "data.batch_size 8" in line and "lower data.batch_size" in line
+    assert "data.batch_size 8, data.length 64, model.preset default" in line
+    assert f"model.hidden {2**40}" in line and "lower the batch size" in line
+    assert "DefaultCPUAllocator: can't allocate memory" in line
+    assert "enforce fail" not in line
     assert not list((run / "checkpoints").glob("*.pt"))
