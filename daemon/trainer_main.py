@@ -866,6 +866,8 @@ def _run_locked(
         metrics = JsonlWriter(run_dir / METRICS_FILE, flush_s=flush_s)
         validation = JsonlWriter(run_dir / VALIDATION_FILE, flush_s=flush_s)
         end = run.loop(metrics, validation, pub)
+        # The last word on validation and checkpoints, before the final state.
+        run._publish_status(force=True)
         final = "finished" if end == "finished" else "stopping"
         run._set_state(final)
         if end == "finished":

@@ -350,7 +350,12 @@ def test_job_survives_a_producer_and_a_trainer_killed(corpus, service):
     )
     after = trainerctl(env, "status", "--json")
     assert after.returncode == 3
-    assert json.loads(after.stdout)["job"]["outcome"] == "stopped"
+    final = json.loads(after.stdout)["job"]
+    assert final["outcome"] == "stopped"
+    # Status ends on the stop's own checkpoint and step, not on an earlier one.
+    assert final["last_checkpoint"]["path"] == str(checkpoint)
+    assert final["last_checkpoint"]["time"] >= checkpoint.stat().st_mtime - 1
+    assert final["global_step"] == payload["step"]
 
     # Every training post once per epoch, in the planned order, across both kills.
     batches = effective_batches(run_dir / "metrics.jsonl")

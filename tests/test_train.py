@@ -329,3 +329,34 @@ def test_out_of_memory_ends_the_run_with_one_clear_line(corpus: Path, short_dir:
     assert "DefaultCPUAllocator: can't allocate memory" in line
     assert "enforce fail" not in line
     assert not list((run / "checkpoints").glob("*.pt"))
+
+
+def test_the_last_status_before_the_end_carries_the_last_validation(
+    corpus: Path, short_dir: Path
+):
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RECONNECT_IVL, 10)
+    sub.subscribe(b"")
+    # Connected before the trainer binds: zmq keeps trying until it does.
+    sub.connect(f"ipc://{short_dir / 'metrics.sock'}")
+    try:
+        job = tiny_job(corpus)
+        run_job(job, run_dir=short_dir / "run", runtime_dir=short_dir, in_process=True)
+        messages = []
+        while sub.poll(1000):
+            topic, body = sub.recv_multipart()
+            messages.append((topic, json.loads(body)))
+    finally:
+        sub.close(0)
+        ctx.term()
+    end = next(
+        i for i, (t, m) in enumerate(messages)
+        if t == b"state" and m["state"] == "finished"
+    )  # fmt: skip
+    last = [m for t, m in messages[:end] if t == b"status"][-1]
+    steps = [r["step"] for r in _records(short_dir / "run" / "metrics.jsonl")]
+    assert last["last_val"]["epoch"] == job.train.epochs
+    assert last["global_step"] == steps[-1]
+    assert last["last_checkpoint"]["path"].endswith("last.pt")
