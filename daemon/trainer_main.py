@@ -859,9 +859,10 @@ def _run_locked(
             in_process=in_process,
         )
         run.pub = pub
-        write_resolved_config(config, run_dir)
-        # Set up first: --resume none moves the old records aside.
+        # Set up first: --resume none moves the old records aside, and a job its
+        # checkpoint refuses leaves the run's config.yaml as it was.
         run.set_up(resume)
+        write_resolved_config(config, run_dir)
         flush_s = config.metrics.flush_s
         metrics = JsonlWriter(run_dir / METRICS_FILE, flush_s=flush_s)
         validation = JsonlWriter(run_dir / VALIDATION_FILE, flush_s=flush_s)

@@ -131,12 +131,15 @@ def test_resume_refuses_a_changed_config_and_names_the_differences(
     run = short_dir / "run"
     job = tiny_job(corpus)
     run_job(job, run_dir=run, runtime_dir=short_dir, in_process=True, stop=StopAfter(3))
+    recorded = (run / "config.yaml").read_text()
     changed = tiny_job(corpus, train={"lr": 0.5}, data={"length": 80})
     with pytest.raises(CheckpointError) as err:
         run_job(changed, run_dir=run, runtime_dir=short_dir, in_process=True)
     message = str(err.value)
     assert "train.lr: 0.05 in the checkpoint, 0.5 now" in message
     assert "data.length: 64 in the checkpoint, 80 now" in message
+    # The refused job leaves the run's recorded config as it was.
+    assert (run / "config.yaml").read_text() == recorded
     # More epochs and other checkpoint settings are allowed.
     longer = tiny_job(corpus, train={"epochs": 3}, checkpoint={"keep_best": 1})
     run_job(longer, run_dir=run, runtime_dir=short_dir, in_process=True)
