@@ -220,8 +220,8 @@ class Daemon:
             os.close(fd)
             raise DaemonError(
                 f"another trainerd (pid {other}) already serves {self.runtime_dir}; "
-                "stop it first ('systemctl stop trainerd' or 'trainerctl stop'), or "
-                "set TRAINERD_RUNTIME_DIR"
+                f"stop it first ('systemctl stop trainerd', or 'kill {other}' where "
+                "you started it), or set TRAINERD_RUNTIME_DIR"
             ) from err
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

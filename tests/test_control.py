@@ -255,8 +255,8 @@ def test_second_daemon_on_the_same_runtime_dir_is_refused(tmp_short):
         assert second.returncode == 4
         assert second.stderr.strip().splitlines() == [
             f"trainerd: error: another trainerd (pid {first.pid}) already serves "
-            f"{tmp_short / 'run'}; stop it first ('systemctl stop trainerd' or "
-            "'trainerctl stop'), or set TRAINERD_RUNTIME_DIR"
+            f"{tmp_short / 'run'}; stop it first ('systemctl stop trainerd', or "
+            f"'kill {first.pid}' where you started it), or set TRAINERD_RUNTIME_DIR"
         ]
         # The first daemon still answers.
         reply = request("ping", endpoint=control.ipc_endpoint(tmp_short / "run"))
