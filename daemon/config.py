@@ -134,6 +134,11 @@ def _siblings(error: dict[str, Any], model: type[BaseModel]) -> list[str]:
 
 def parse_config(data: Any, *, source: str = "config") -> JobConfig:
     """Validates a mapping; raises ConfigError listing every bad setting."""
+    if data is None:
+        raise ConfigError(
+            f"{source}: empty; a job needs at least 'corpus: PATH' (see "
+            f"examples/demo.yaml)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: must be a mapping of settings, got {type(data).__name__}"

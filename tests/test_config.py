@@ -107,7 +107,15 @@ BAD = {
         "not valid YAML at line 2, column 1: expected ',' or ']', but got "
         "'<stream end>'",
     ),
-    "empty file": ("", "must be a mapping of settings, got NoneType"),
+    "empty file": (
+        "",
+        "empty; a job needs at least 'corpus: PATH' (see examples/demo.yaml)",
+    ),
+    "only comments": (
+        "# nothing yet\n",
+        "empty; a job needs at least 'corpus: PATH' (see examples/demo.yaml)",
+    ),
+    "a list": ("- corpus: c\n", "must be a mapping of settings, got list"),
 }
 
 
