@@ -69,6 +69,10 @@ SAFE_GLOBALS = {
 PROGRESS_AFTER_S = 0.5
 PROGRESS_EVERY = 512  # records between progress updates
 DEFAULT_VAL_FRACTION = 0.1
+# A JSON line or CSV field longer than this is refused before it is read whole: no
+# post is that long, and a frame reads at most a few thousand characters of one.
+MAX_POST_BYTES = 64 * 2**20
+MAX_LABEL_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -251,7 +255,15 @@ class PostReader:
                 self._raw = None
 
     def _jsonl(self, stream: BinaryIO) -> Iterator[Post]:
-        for number, line in enumerate(stream, 1):
+        number = 0
+        while line := stream.readline(MAX_POST_BYTES + 1):
+            number += 1
+            if len(line) > MAX_POST_BYTES:
+                raise InputError(
+                    f"{self.path}:{number}: a line of more than "
+                    f"{MAX_POST_BYTES >> 20} MiB; posts are shorter (one record a "
+                    f"line?)"
+                )
             text = self.decoder.decode(line)
             if number == 1:
                 text = text.removeprefix("\ufeff")
@@ -266,6 +278,8 @@ class PostReader:
                     f"{where}: malformed JSON on line {number}: {err.msg} "
                     f"(column {err.colno})"
                 ) from err
+            except ValueError as err:  # a number of more than 4300 digits
+                raise InputError(f"{where}: unreadable JSON: {err}") from err
             if not isinstance(record, dict):
                 raise InputError(
                     f"{where}: expected a JSON object with "
@@ -276,7 +290,7 @@ class PostReader:
     def _csv(self, stream: BinaryIO) -> Iterator[Post]:
         text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors=self.decoder.name)
         # A post may be far longer than csv's 128 KiB default field limit.
-        csv.field_size_limit(2**31 - 1)
+        csv.field_size_limit(MAX_POST_BYTES)
         reader = csv.reader(text)
         columns = self.fields.columns
         try:
@@ -347,7 +361,13 @@ class PostReader:
             wanted.append((f.label, "label"))
         for key, flag in wanted:
             if key not in record:
-                keys = _excerpt(", ".join(repr(k) for k in list(record)[:8]), 120)
+                names = ", ".join(repr(k) for k in list(record)[:8])
+                if not names.isprintable() or "\ufffd" in names:
+                    raise InputError(
+                        f"{where}: its field names are not text (binary data, or "
+                        f"not {self.fmt.upper()}?); expected {self._names()}"
+                    )
+                keys = _excerpt(names, 120)
                 raise InputError(
                     f"{where}: record has no {key!r} field (it has {keys or 'none'}); "
                     f"name the right one with --{flag}-field"
@@ -377,9 +397,17 @@ class PostReader:
 
 def label_name(value: Any, where: str) -> str:
     """A record's label as a name: a non-empty string, or an integer as text."""
+    too_long = InputError(
+        f"{where}: a label of more than {MAX_LABEL_CHARS} characters; labels name "
+        f"classes (the wrong column?)"
+    )
     if isinstance(value, str) and value:
+        if len(value) > MAX_LABEL_CHARS:
+            raise too_long
         return value
     if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 10**MAX_LABEL_CHARS:  # before str(), which caps digits
+            raise too_long
         return str(value)
     raise InputError(
         f"{where}: the label must be a non-empty string or an integer, got "

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainerd.producers import importer
 from trainerd.producers.corpus import Corpus
 from trainerd.producers.encoding import Alphabet
 from trainerd.producers.errors import CorpusError, InputError
@@ -649,3 +650,25 @@ def test_pickle_records_count_from_one(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"{source}: record 2: expected a dict or a (title, text, label) tuple, got str"
     )
+
+
+def test_oversized_lines_and_labels_are_refused_before_they_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for label in ('"' + "x" * 201 + '"', "1" * 400, "1" * 5000):
+        source = write_jsonl(tmp_path / "q.jsonl", RECORDS)
+        with source.open("a") as f:  # raw: json.dumps refuses 5000-digit numbers
+            f.write(f'{{"title": "t", "text": "b", "label": {label}}}\n')
+        refusal = "a label of more than 200" if len(label) < 4300 else "4300 digits"
+        with pytest.raises(InputError, match=refusal):
+            import_corpus(source, tmp_path / "c3")
+
+    monkeypatch.setattr(importer, "MAX_POST_BYTES", 4096)
+    long_line = {"title": "t", "text": "a" * 5000, "label": "x"}
+    source = write_jsonl(tmp_path / "p.jsonl.gz", [*RECORDS, long_line], gz=True)
+    with pytest.raises(InputError, match=r"p.jsonl.gz:\d+: a line of more than 0 MiB"):
+        import_corpus(source, tmp_path / "c1")
+    rows = [[r["title"], r["text"], r["label"]] for r in [*RECORDS, long_line]]
+    source = write_csv(tmp_path / "p.csv", rows, header=["title", "text", "label"])
+    with pytest.raises(InputError, match="field larger than field limit"):
+        import_corpus(source, tmp_path / "c2")
