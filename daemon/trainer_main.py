@@ -872,13 +872,14 @@ def _run_locked(
         final = "finished" if end == "finished" else "stopping"
         run._set_state(final)
         if end == "finished":
+            metric = config.checkpoint.best_metric
+            best = "none" if run.best_val is None else f"{run.best_val[metric]:.4f}"
             log.info(
-                "run finished: %s, best %s %s, checkpoints in %s",
+                "run finished: %s, best %s %s (epoch %s), checkpoints in %s",
                 config.name,
-                config.checkpoint.best_metric,
-                None
-                if run.best_val is None
-                else run.best_val[config.checkpoint.best_metric],
+                metric,
+                best,
+                None if run.best_val is None else run.best_val["epoch"],
                 run.ckpt_dir,
             )
         else:
