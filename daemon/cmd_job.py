@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainerd.daemon.config import settings_reference
 from trainerd.producers.errors import DaemonError, TrainerdError, WaitTimeout
 
 STATUS_RUNNING = 0
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start a training job",
         description="Submit a job to the running trainerd, or run daemon and job "
         "in this terminal with --foreground (Ctrl-C stops it gracefully).",
+        epilog=settings_reference()
+        + "\n\nexamples/demo.yaml and examples/newsgroups.yaml show whole jobs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     start.add_argument(
         "-c", "--config", required=True, metavar="CONFIG", help="job config (YAML)"

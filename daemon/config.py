@@ -8,7 +8,9 @@ one mapping is refused rather than silently keeping the last.
 
 from __future__ import annotations
 
+import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,32 @@ class JobConfig(BaseModel):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+
+def settings_reference(width: int = 88) -> str:
+    """Every job setting with its default and meaning, for `trainerctl start --help`."""
+    lines = ["job config (YAML): every setting, its default, and what it does:"]
+
+    def add(path: str, field: Any) -> None:
+        if field.is_required():
+            default = "required"
+        elif field.default_factory is not None:
+            default = "depends on the machine"
+        else:
+            default = json.dumps(field.default)
+        doc = " ".join((field.description or "").split())
+        lines.append(f"  {path} ({default}): {doc}" if doc else f"  {path} ({default})")
+
+    for name, field in JobConfig.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            for key, sub in section.model_fields.items():
+                add(f"{name}.{key}", sub)
+        else:
+            add(name, field)
+    return "\n".join(
+        textwrap.fill(line, width, subsequent_indent="      ") for line in lines
+    )
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:

@@ -163,6 +163,27 @@ def test_help_on_every_command(env, command):
     assert out.stderr == ""
 
 
+def test_start_help_lists_every_job_setting_with_its_default(env):
+    from pydantic import BaseModel
+
+    from trainerd.daemon.config import JobConfig
+
+    out = trainerctl(env, "start", "--help").stdout
+    paths = []
+    for name, field in JobConfig.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            paths += [f"{name}.{key}" for key in section.model_fields]
+        else:
+            paths.append(name)
+    assert len(paths) >= 40
+    for path in paths:
+        assert f"\n  {path} (" in out, path
+    assert "\n  train.lr (0.01): Peak learning rate.\n" in out
+    assert "\n  corpus (required): " in out
+    assert "\n  data.producers (depends on the machine): " in out
+
+
 def test_status_without_daemon(env):
     out = trainerctl(env, "status")
     assert (out.returncode, out.stderr) == (4, "")
