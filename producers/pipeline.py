@@ -313,8 +313,6 @@ class Pipeline:
         self.data = data
         self.run_id = run_id
         self.runtime_dir = Path(runtime_dir)
-        self.verify = data.verify
-        self.max_restarts = data.max_producer_restarts
         self.pub_addr = f"ipc://{self.runtime_dir}/plans.pub"
         self.req_addr = f"ipc://{self.runtime_dir}/plans.req"
         if len(self.pub_addr) > IPC_PATH_MAX:
@@ -423,7 +421,7 @@ class Pipeline:
             f"--freed-fd={p.freed_fd}",
             f"--parent-pid={os.getpid()}",
             f"--from-seq={from_seq}",
-            f"--verify={self.verify}",
+            f"--verify={self.data.verify}",
             f"--log-level={logging.getLevelName(max(log.getEffectiveLevel(), 20))}",
         ]
         p.proc = subprocess.Popen(
@@ -450,11 +448,12 @@ class Pipeline:
         now = time.monotonic()
         while p.recent and now - p.recent[0] > RESTART_WINDOW_S:
             p.recent.popleft()
-        if len(p.recent) >= self.max_restarts:
+        limit = self.data.max_producer_restarts
+        if len(p.recent) >= limit:
             raise PeerDiedError(
                 f"producer {p.k} exited: {how}; restarted {len(p.recent)} times in "
                 f"the last {RESTART_WINDOW_S / 60:g} min (data.max_producer_restarts "
-                f"is {self.max_restarts}), giving up (see the producer's log lines "
+                f"is {limit}), giving up (see the producer's log lines "
                 f"above)"
             )
         p.recent.append(now)
@@ -580,11 +579,7 @@ class Pipeline:
         """Waits until slot n is committed, restarting a dead producer on the way."""
         timeout_s = self.data.wait_timeout_s
         start, was_attached = time.monotonic(), self._attached(p)
-        first = True
         while True:
-            if not first and self.on_wait is not None:
-                self.on_wait()
-            first = False
             if p.proc.poll() is not None:
                 self._restart(p, plan, b)
                 start, was_attached = time.monotonic(), False
@@ -604,6 +599,8 @@ class Pipeline:
                 return
             if p.proc.poll() is None and time.monotonic() >= deadline:
                 raise WaitTimeout(self._stuck(p, plan, b, limit, attached))
+            if self.on_wait is not None:
+                self.on_wait()
 
     @staticmethod
     def _attached(p: _Producer) -> bool:
@@ -638,7 +635,7 @@ class Pipeline:
                 f"ring {p.k} slot {s}: checksum mismatch in batch {b} of {plan.phase} "
                 f"epoch {plan.epoch}: the slot was read while being written"
             )
-        full = self.verify == "full" and ring.onehot
+        full = self.data.verify == "full" and ring.onehot
         if full and ring.data_checksum(s, rows) != data_checksum:
             raise RingError(
                 f"ring {p.k} slot {s}: one-hot checksum mismatch in batch {b} of "

@@ -80,7 +80,7 @@ def test_damaged_bytes_are_a_checkpoint_error(
     path = ckpt.write_checkpoint(tmp_path / "last.pt", _payload())
     data = bytearray(path.read_bytes())
     at = int(len(data) * where) if where > 0 else len(data) + int(where)
-    data[at : at + 4] = b"XXXX"
+    data[at : at + 4] = b"\xff\xff\xff\xff"
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=message):
         ckpt.read_checkpoint(path)
@@ -130,7 +130,7 @@ def test_broken_newest_falls_back_to_the_previous_good_one(
     os.utime(good, (1_000_000, 1_000_000))
     last = ckpt.write_checkpoint(tmp_path / "last.pt", _payload(step=9))
     data = bytearray(last.read_bytes())
-    data[-60:-56] = b"XXXX"  # its zip directory damaged, the length unchanged
+    data[-60:-56] = b"\xff\xff\xff\xff"  # its zip directory damaged, the length unchanged
     last.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         path, payload = ckpt.newest_valid(tmp_path)
