@@ -932,7 +932,7 @@ def out_of_memory_message(
     err: BaseException, config: JobConfig, run: TrainerRun
 ) -> str:
     """One line: where memory ran out, with what frame, and what to change."""
-    where = getattr(run, "device", "the host")  # None before set_up chose it
+    where = getattr(run, "device", "the host")  # set_up chooses the device
     at = f" at epoch {run.cursor.epoch} batch {run.cursor.batch}"
     data, model = config.data, config.model
     size = f"model.preset {model.preset}"
