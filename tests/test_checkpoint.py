@@ -130,7 +130,8 @@ def test_broken_newest_falls_back_to_the_previous_good_one(
     os.utime(good, (1_000_000, 1_000_000))
     last = ckpt.write_checkpoint(tmp_path / "last.pt", _payload(step=9))
     data = bytearray(last.read_bytes())
-    data[-60:-56] = b"\xff\xff\xff\xff"  # its zip directory damaged, the length unchanged
+    # Its zip directory damaged, the length unchanged.
+    data[-60:-56] = b"\xff\xff\xff\xff"
     last.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         path, payload = ckpt.newest_valid(tmp_path)
