@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from trainerd.model.config import (
     CheckpointConfig,
@@ -96,11 +98,21 @@ class JobConfig(BaseModel):
     metrics: MetricsConfig = MetricsConfig()
 
 
+def job_settings() -> Iterator[tuple[str, FieldInfo]]:
+    """Every setting of a job config as (dotted path, field), in file order."""
+    for name, field in JobConfig.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            for key, sub in section.model_fields.items():
+                yield f"{name}.{key}", sub
+        else:
+            yield name, field
+
+
 def settings_reference(width: int = 88) -> str:
     """Every job setting with its default and meaning, for `trainerctl start --help`."""
     lines = ["job config (YAML): every setting, its default, and what it does:"]
-
-    def add(path: str, field: Any) -> None:
+    for path, field in job_settings():
         if field.is_required():
             default = "required"
         elif field.default_factory is not None:
@@ -109,14 +121,6 @@ def settings_reference(width: int = 88) -> str:
             default = json.dumps(field.default)
         doc = " ".join((field.description or "").split())
         lines.append(f"  {path} ({default}): {doc}" if doc else f"  {path} ({default})")
-
-    for name, field in JobConfig.model_fields.items():
-        section = field.annotation
-        if isinstance(section, type) and issubclass(section, BaseModel):
-            for key, sub in section.model_fields.items():
-                add(f"{name}.{key}", sub)
-        else:
-            add(name, field)
     return "\n".join(
         textwrap.fill(line, width, subsequent_indent="      ") for line in lines
     )
